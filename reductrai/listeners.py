@@ -1,0 +1,140 @@
+"""
+Listening endpoints from Twisted endpoint strings.
+
+C{tcp:}, C{unix:} and any other endpoint type go to
+L{twisted.internet.endpoints.serverFromString} unchanged.  C{ssl:} strings
+are built here instead, so that every TLS listener gets the hardened
+options of L{reductrai.tls.server_options} (TLS 1.2 at the lowest, modern
+ciphers) whatever the string says; an C{ssl:} string without
+C{privateKey=}/C{certKey=} uses the server's configured certificate.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+from reductrai.tls import server_options
+
+
+class ListenerError(ValueError):
+    """
+    An endpoint string is invalid.
+    """
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint string into positional arguments and keyword
+    arguments, honouring backslash escapes of C{:} and C{=}.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for character in description:
+        if escaped:
+            current.append("\\" + character)
+            escaped = False
+        elif character == "\\":
+            escaped = True
+        elif character == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(character)
+    parts.append("".join(current))
+
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    for part in parts:
+        name, equals, value = _split_unescaped(part, "=")
+        if equals:
+            keywords[_unescape(name)] = _unescape(value)
+        else:
+            positional.append(_unescape(part))
+    return positional, keywords
+
+
+def _split_unescaped(text: str, separator: str) -> tuple[str, bool, str]:
+    index = 0
+    while index < len(text):
+        if text[index] == "\\":
+            index += 2
+            continue
+        if text[index] == separator:
+            return text[:index], True, text[index + 1 :]
+        index += 1
+    return text, False, ""
+
+
+def _unescape(text: str) -> str:
+    out = []
+    index = 0
+    while index < len(text):
+        if text[index] == "\\" and index + 1 < len(text):
+            out.append(text[index + 1])
+            index += 2
+        else:
+            out.append(text[index])
+            index += 1
+    return "".join(out)
+
+
+def build_endpoint(
+    reactor,
+    description: str,
+    default_tls_files: Optional[Callable[[], tuple[str, str]]] = None,
+    tls_minimum_version: str = "1.2",
+) -> IStreamServerEndpoint:
+    """
+    Build a server endpoint from an endpoint string.
+
+    @param default_tls_files: called for an C{ssl:} string that names no
+        certificate; returns C{(certificate_path, private_key_path)}.
+    @raise ListenerError: the string is invalid; the message names it.
+    """
+    positional, keywords = split_description(description)
+    kind = positional[0].lower() if positional else ""
+    if kind != "ssl":
+        try:
+            return serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ListenerError(f"invalid listener {description!r}: {error}") from None
+
+    if len(positional) != 2:
+        raise ListenerError(
+            f"invalid listener {description!r}: expected ssl:PORT[:interface=ADDRESS]"
+            f"[:privateKey=PATH:certKey=PATH]"
+        )
+    try:
+        port = int(positional[1])
+    except ValueError:
+        raise ListenerError(f"invalid listener {description!r}: port {positional[1]!r} is not a number") from None
+    unknown = set(keywords) - {"interface", "backlog", "privateKey", "certKey"}
+    if unknown:
+        raise ListenerError(
+            f"invalid listener {description!r}: unsupported option(s) {sorted(unknown)}; "
+            f"allowed: interface, backlog, privateKey, certKey"
+        )
+    certificate = keywords.get("certKey")
+    private_key = keywords.get("privateKey")
+    if certificate is None and private_key is None:
+        if default_tls_files is None:
+            raise ListenerError(f"invalid listener {description!r}: no certificate configured")
+        certificate, private_key = default_tls_files()
+    elif certificate is None or private_key is None:
+        certificate = certificate or private_key
+        private_key = private_key or certificate
+    try:
+        options = server_options(certificate, private_key, tls_minimum_version)
+    except ValueError as error:
+        raise ListenerError(f"invalid listener {description!r}: {error}") from None
+    return SSL4ServerEndpoint(
+        reactor,
+        port,
+        options,
+        backlog=int(keywords.get("backlog", 128)),
+        interface=keywords.get("interface", ""),
+    )

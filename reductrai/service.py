@@ -1,0 +1,224 @@
+"""
+The daemon as a Twisted service: the store, the forwarder, the ingest and
+admin listeners, started and stopped together.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from reductrai import __version__
+from reductrai.admin import admin_root
+from reductrai.config import Settings
+from reductrai.forward import Forwarder
+from reductrai.listeners import ListenerError, build_endpoint
+from reductrai.metrics import Metrics
+from reductrai.request import IngestSite, QuietSite
+from reductrai.resource import IngestResource
+from reductrai.store import RecordStore, StoreOptions
+from reductrai.tls import ensure_dev_certificate
+from reductrai.vendors.registry import default_router
+
+
+class StartupError(Exception):
+    """
+    The daemon cannot start; the message says why and what to change.
+    """
+
+
+def prepare_data_dir(path: str) -> None:
+    """
+    Create the data directory with mode 0700, or check an existing one.
+
+    @raise StartupError: it is not a directory, or others can write to it.
+    """
+    directory = Path(path)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as error:
+        raise StartupError(f"cannot create data directory {path}: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"data directory {path} is not a directory")
+    if info.st_mode & stat.S_IWOTH:
+        raise StartupError(
+            f"data directory {path} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"run: chmod o-w {path}"
+        )
+
+
+class ReductraiService(service.MultiService):
+    """
+    The whole daemon.
+
+    @ivar ports: the listening ports of the ingest listeners, in
+        configuration order, once started.
+    @ivar admin_ports: the listening ports of the admin listeners.
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor=None, exit_on_startup_error: bool = False) -> None:
+        """
+        @param exit_on_startup_error: print a L{StartupError} and exit with
+            status 1 instead of raising it (what C{twistd} wants).
+        """
+        super().__init__()
+        self._exit_on_startup_error = exit_on_startup_error
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
+        self.settings = settings
+        self.mode = settings.effective_mode
+        self.metrics = Metrics()
+        self.store: Optional[RecordStore] = None
+        self.forwarder: Optional[Forwarder] = None
+        self.ports: list = []
+        self.admin_ports: list = []
+        self.started_at = time.monotonic()
+        self._data_dir = os.path.abspath(settings["server.data_dir"])
+
+    def readiness(self) -> tuple[bool, str]:
+        """
+        Return whether the daemon accepts traffic, and why not.
+        """
+        if not self.running:
+            return False, "stopping" if self.ports else "starting"
+        if self.mode != "forward-only" and (self.store is None or not self.store.is_open):
+            return False, "store is not open"
+        if len(self.ports) != len(self.settings["server.listen"]):
+            return False, "not every ingest listener is bound"
+        return True, "ok"
+
+    def _tls_files(self) -> tuple[str, str]:
+        certificate = self.settings["server.tls_certificate"]
+        if certificate:
+            return certificate, self.settings["server.tls_private_key"]
+        return ensure_dev_certificate(self._data_dir)
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listener; a failure stops the start with a clear
+        message.
+        """
+        try:
+            self._bind()
+        except StartupError as error:
+            self._abort(error)
+        super().privilegedStartService()
+
+    def _abort(self, error: StartupError) -> None:
+        for port in self.ports + self.admin_ports:
+            port.stopListening()
+        if not self._exit_on_startup_error:
+            raise error
+        report_startup_error(error)
+
+    def _bind(self) -> None:
+        prepare_data_dir(self._data_dir)
+        settings = self.settings
+        if self.mode != "forward-only":
+            self.store = RecordStore(
+                StoreOptions(
+                    path=os.path.join(self._data_dir, "store"),
+                    map_size=settings["storage.map_size"],
+                    max_map_size=settings["storage.max_map_size"],
+                    compression_level=settings["storage.compression_level"],
+                    durability=settings["storage.durability"],
+                    sync_interval=settings["storage.sync_interval"],
+                ),
+                self.reactor,
+            )
+        if self.mode in ("forward", "forward-only"):
+            try:
+                self.forwarder = Forwarder(
+                    self.reactor,
+                    max_in_flight=settings["upstream.max_in_flight"],
+                    connect_timeout=settings["upstream.connect_timeout"],
+                    timeout=settings["upstream.timeout"],
+                    ca_bundle=settings["upstream.ca_bundle"] or None,
+                )
+            except (OSError, ValueError) as error:
+                raise StartupError(f"upstream.ca_bundle: {error}") from None
+
+        resource = IngestResource(default_router(), settings, self.mode, self.store, self.forwarder, self.metrics)
+        ingest_site = IngestSite(resource, settings["limits.max_body_bytes"], timeout=settings["server.request_timeout"])
+        admin_site = QuietSite(admin_root(self), timeout=settings["server.request_timeout"])
+        admin_site.noisy = False
+        ingest_site.noisy = False
+
+        for description in settings["server.listen"]:
+            self.ports.append(self._listen(description, ingest_site, "ingest"))
+        for description in settings["server.admin_listen"]:
+            self.admin_ports.append(self._listen(description, admin_site, "admin"))
+
+    def _listen(self, description: str, site, role: str):
+        try:
+            endpoint = build_endpoint(
+                self.reactor, description, self._tls_files, self.settings["server.tls_minimum_version"]
+            )
+        except ListenerError as error:
+            raise StartupError(str(error)) from None
+        result = []
+        endpoint.listen(site).addBoth(result.append)
+        if not result:
+            raise StartupError(f"listener {description!r} did not bind synchronously")
+        outcome = result[0]
+        if isinstance(outcome, Failure):
+            raise StartupError(f"cannot listen on {description!r}: {outcome.getErrorMessage()}")
+        address = outcome.getHost()
+        self.log.info(
+            "Listening for {role} traffic on {description} (port {port})",
+            role=role, description=description, port=getattr(address, "port", address),
+        )
+        return outcome
+
+    def startService(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.open()
+            except Exception as error:
+                self._abort(StartupError(f"cannot open the store in {self._data_dir}: {error}"))
+        super().startService()
+        upstream = "none (store-only)" if self.mode == "store-only" else (
+            self.settings["proxy.forward_to"] or self.settings["datadog.endpoint"]
+            or f"Datadog site {self.settings['datadog.site']}"
+        )
+        self.log.info(
+            "reductrai {version} started in {mode} mode; upstream: {upstream}; data in {data_dir}",
+            version=__version__, mode=self.mode, upstream=upstream, data_dir=self._data_dir,
+        )
+
+    def stopService(self):
+        """
+        Stop accepting connections, let in-flight requests finish, then
+        close the forwarder and the store.
+        """
+        super().stopService()
+        closing = [defer.maybeDeferred(port.stopListening) for port in self.ports + self.admin_ports]
+        d = defer.DeferredList(closing)
+        if self.forwarder is not None:
+            d.addCallback(lambda _: self.forwarder.close())
+        if self.store is not None:
+            d.addCallback(lambda _: self.store.close())
+        return d
+
+
+def report_startup_error(error: StartupError) -> None:
+    """
+    Print a start-up failure for a person and exit with status 1.
+    """
+    sys.stderr.write(f"reductrai: cannot start: {error}\n")
+    raise SystemExit(1)
