@@ -35,7 +35,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
@@ -107,6 +107,16 @@ class _TransparentAgent:
             response.headers.removeHeader(b"content-encoding")
             response.headers.setRawHeaders(_HIDDEN_CONTENT_ENCODING, encoding)
         return response
+
+
+def _was_cancelled(failure) -> bool:
+    """
+    Whether a request failed because treq's timeout cancelled it; the agent
+    reports that as L{ResponseNeverReceived} or L{ResponseFailed} wrapping
+    a L{defer.CancelledError}.
+    """
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(reason.check(defer.CancelledError) for reason in reasons)
 
 
 class _NoCookies(CookieJar):
@@ -272,13 +282,13 @@ class Forwarder:
     def _failed(self, state: UpstreamState, failure, method: bytes, display_path: str):
         state.failures += 1
         state.last_failure = time.time()
-        if failure.check(defer.CancelledError, ConnectTimeoutError):
+        if failure.check(defer.CancelledError, ConnectTimeoutError) or _was_cancelled(failure):
             error = UpstreamError(504, f"upstream {state.url} did not answer within {self.timeout:g} s")
         elif failure.check(DNSLookupError):
             error = UpstreamError(502, f"upstream host of {state.url} could not be resolved")
         elif failure.check(ConnectError, ConnectingCancelledError):
             error = UpstreamError(502, f"upstream {state.url} refused or failed the connection")
-        elif failure.check(ResponseNeverReceived):
+        elif failure.check(ResponseNeverReceived, ResponseFailed):
             error = UpstreamError(502, f"upstream {state.url} closed the connection without answering")
         else:
             error = UpstreamError(502, f"forwarding to {state.url} failed: {failure.type.__name__}")
