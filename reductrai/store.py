@@ -105,6 +105,7 @@ class RecordStore:
         self.env: Optional[lmdb.Environment] = None
         self._records = None
         self._pending: list[tuple[bytes, bytes, Deferred]] = []
+        self._pending_ops: list[tuple[list, Deferred]] = []
         self._flush_call = None
         self._last_ns = 0
         self._sequence = 0
@@ -127,6 +128,7 @@ class RecordStore:
         info = self.env.info()
         self.map_size = max(info["map_size"], self.options.map_size)
         self._records = self.env.open_db(RECORDS_DB)
+        self._databases = {RECORDS_DB: self._records}
         with self.env.begin(write=True) as txn:
             meta = self.env.open_db(META_DB, txn=txn)
             txn.put(b"format", b"1", db=meta, overwrite=False)
@@ -177,12 +179,15 @@ class RecordStore:
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         return make_key(now, self._sequence)
 
-    def append(self, header_fields: dict, body: bytes) -> "Deferred[bytes]":
+    def append(self, header_fields: dict, body: bytes, extra: Optional[list] = None) -> "Deferred[bytes]":
         """
         Store one request.  C{header_fields} are the L{RecordHeader} fields
         other than C{received_ns}, C{size} and C{crc32}, which this method
         fills in.
 
+        @param extra: further operations committed in the same transaction
+            as the record, as for L{submit}; a value may be a callable,
+            called with the record key, to build it.
         @return: a L{Deferred} that fires with the record key once the
             record is committed, or fails with L{StoreError}.
         """
@@ -198,18 +203,53 @@ class RecordStore:
         value = self._codec.encode(header, body)
         d: Deferred = Deferred()
         self._pending.append((key, value, d))
+        if extra:
+            ops = [(op, db, k(key) if callable(k) else k, v(key) if callable(v) else v) for op, db, k, v in extra]
+            self._pending_ops.append((ops, Deferred()))
+        self._schedule()
+        return d
+
+    def submit(self, ops: list) -> Deferred:
+        """
+        Commit arbitrary operations with the next group commit.
+
+        @param ops: C{("put", db_name, key, value)} and
+            C{("delete", db_name, key, None)} tuples; C{db_name} is a named
+            database of the environment (bytes), created on first use.
+        @return: a L{Deferred} firing with L{None} once committed.
+        """
+        if self.env is None:
+            return defer.fail(StoreClosed("the store is not open"))
+        d: Deferred = Deferred()
+        self._pending_ops.append((list(ops), d))
+        self._schedule()
+        return d
+
+    def database(self, name: bytes):
+        """
+        Return the handle of a named database, creating it on first use.
+        """
+        handle = self._databases.get(name)
+        if handle is None:
+            handle = self._databases[name] = self.env.open_db(name)
+        return handle
+
+    def _schedule(self) -> None:
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
-        return d
 
     def _flush(self) -> None:
         """
-        Commit every pending record in one write transaction.
+        Commit every pending record and operation in one write transaction.
         """
         self._flush_call = None
         batch, self._pending = self._pending, []
-        if not batch or self.env is None:
-            for _, _, d in batch:
+        ops, self._pending_ops = self._pending_ops, []
+        waiting = [d for _, _, d in batch] + [d for _, d in ops]
+        if not waiting:
+            return
+        if self.env is None:
+            for d in waiting:
                 d.errback(StoreClosed("the store closed before the record was committed"))
             return
         while True:
@@ -217,25 +257,37 @@ class RecordStore:
                 with self.env.begin(write=True, db=self._records) as txn:
                     for key, value, _ in batch:
                         txn.put(key, value, append=True)
+                    for operations, _ in ops:
+                        for op, db_name, key, value in operations:
+                            db = self.database(db_name)
+                            if op == "put":
+                                txn.put(key, value, db=db)
+                            else:
+                                txn.delete(key, db=db)
                 break
             except lmdb.MapFullError:
                 if not self._grow():
                     error = StoreFull(
                         f"the store reached its maximum map size ({self.options.max_map_size} bytes)"
                     )
-                    for _, _, d in batch:
+                    for d in waiting:
                         d.errback(error)
                     return
             except lmdb.Error as error:
-                self.log.error("Commit of {count} records failed: {error}", count=len(batch), error=str(error))
+                self.log.error(
+                    "Commit of {count} records and {ops} operations failed: {error}",
+                    count=len(batch), ops=len(ops), error=str(error),
+                )
                 failure = StoreError(f"commit failed: {error}")
-                for _, _, d in batch:
+                for d in waiting:
                     d.errback(failure)
                 return
         self.commits += 1
         self.records_written += len(batch)
         for key, _, d in batch:
             d.callback(key)
+        for _, d in ops:
+            d.callback(None)
 
     def _grow(self) -> bool:
         """
