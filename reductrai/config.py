@@ -154,7 +154,7 @@ FIELDS: tuple[Field, ...] = (
           choices=DURABILITY),
     Field("storage", "sync_interval", "float", 1.0,
           "Seconds between syncs when storage.durability is interval.", minimum=0.01),
-)
+)  # end of FIELDS
 
 FIELDS_BY_KEY = {field.key: field for field in FIELDS}
 
