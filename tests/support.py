@@ -154,8 +154,9 @@ class Upstream:
 
     def __init__(self, reply_for: Callable[[Received], Reply] = lambda r: Reply(), tls: Optional[TestCertificates] = None) -> None:
         self.resource = RecordingResource(reply_for)
-        site = Site(self.resource)
+        site = _TrackingSite(self.resource)
         site.noisy = False
+        self._site = site
         if tls is None:
             self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
             scheme = "http"
@@ -169,7 +170,38 @@ class Upstream:
         return self.resource.received
 
     def stop(self):
+        """
+        Stop listening and drop every open connection, as a crashed server
+        would.
+        """
+        for protocol in list(self._site.connections):
+            transport = getattr(protocol, "transport", None) or getattr(protocol._channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
         return defer.maybeDeferred(self.port.stopListening)
+
+
+class _TrackingSite(Site):
+    """
+    A site that remembers its open connections.
+    """
+
+    def __init__(self, resource) -> None:
+        super().__init__(resource)
+        self.connections: set = set()
+
+    def buildProtocol(self, address):
+        protocol = super().buildProtocol(address)
+        connections = self.connections
+        lost = protocol.connectionLost
+
+        def connection_lost(reason):
+            connections.discard(protocol)
+            return lost(reason)
+
+        protocol.connectionLost = connection_lost
+        connections.add(protocol)
+        return protocol
 
 
 @attrs.define
@@ -237,7 +269,8 @@ def send_raw(
 ) -> "defer.Deferred[tuple[int, list[tuple[str, str]], bytes]]":
     """
     Send one request with exactly these headers in this order (no
-    C{Host} or C{Accept-Encoding} added) from a thread, over TLS when
+    C{Host} or C{Accept-Encoding} added; C{Content-Length} only when a
+    body is given without framing headers) from a thread, over TLS when
     C{tls_ca} names the CA file to trust.
 
     @return: a L{Deferred} firing with C{(status, headers, body)}.
@@ -251,6 +284,9 @@ def send_raw(
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         try:
             connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+            framing = {name.lower() for name, _ in headers} & {"content-length", "transfer-encoding"}
+            if body and not framing:
+                connection.putheader("Content-Length", str(len(body)))
             for name, value in headers:
                 connection.putheader(name, value)
             connection.endheaders(body)
