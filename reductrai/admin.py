@@ -5,17 +5,22 @@ C{/health} reports liveness with the state of the store and of each
 upstream; C{/ready} answers 200 only once the store is open and every
 ingest listener is bound, and 503 otherwise, for orchestrators' readiness
 probes; C{/metrics} serves the Prometheus text format.
+
+The tree is wrapped in L{reductrai.auth.AdminGuard}: every path but
+C{/health} and C{/ready} needs an admin credential, including resources
+added later with C{putChild} on the returned root.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from twisted.web.resource import Resource
 
 from reductrai import __version__
+from reductrai.auth import AdminAuthenticator, AdminGuard
 from reductrai.metrics import CONTENT_TYPE_LATEST
 
 
@@ -92,14 +97,30 @@ class NotFound(Resource):
         return _json(request, 404, {"error": "not found", "paths": ["/health", "/ready", "/metrics"]})
 
 
-def admin_root(service) -> Resource:
+def admin_root(service, authenticator: Optional[AdminAuthenticator] = None) -> Resource:
     """
-    Build the admin resource tree of C{service}.
+    Build the admin resource tree of C{service} behind its credential
+    check.
+
+    @param authenticator: the admin credentials; by default built from
+        C{service.settings}.
+    @raise ValueError: a credential file is unreadable or invalid.
     """
+    if authenticator is None:
+        authenticator = AdminAuthenticator.from_settings(service.settings)
     root = Resource()
     root.putChild(b"health", HealthResource(service))
     root.putChild(b"ready", ReadyResource(service.readiness))
     root.putChild(b"metrics", MetricsResource(service.metrics))
+    if getattr(service, "store", None) is not None:
+        from reductrai.query import QueryResource
+
+        root.putChild(b"api", QueryResource(service.store, service.reactor))
     root.putChild(b"", NotFound())
     root.getChild = lambda name, request: NotFound()  # type: ignore[method-assign]
-    return root
+    return AdminGuard(
+        root,
+        authenticator,
+        max_failures=service.settings["admin.max_auth_failures"],
+        metrics=service.metrics,
+    )

@@ -22,7 +22,7 @@ import attrs
 
 from reductrai.secrets import Secret
 
-MODES = ("forward", "store-only", "forward-only")
+MODES = ("forward", "sample", "store-only", "forward-only")
 DURABILITY = ("fsync", "interval", "none")
 DATADOG_SITES = (
     "datadoghq.com",
@@ -32,6 +32,23 @@ DATADOG_SITES = (
     "ap1.datadoghq.com",
     "ap2.datadoghq.com",
     "ddog-gov.com",
+)
+
+
+#: Settings any of which, when set, gives the proxy an upstream.
+UPSTREAM_KEYS = (
+    "proxy.forward_to",
+    "datadog.endpoint",
+    "datadog.site",
+    "newrelic.region",
+    "newrelic.endpoint",
+    "otlp.endpoint",
+    "prometheus.endpoint",
+    "splunk.endpoint",
+    "loki.endpoint",
+    "elasticsearch.endpoint",
+    "influxdb.endpoint",
+    "zipkin.endpoint",
 )
 
 
@@ -101,12 +118,15 @@ FIELDS: tuple[Field, ...] = (
           "Seconds a client connection may stay idle or take to send a request.",
           minimum=1),
     Field("proxy", "mode", "str", "",
-          "forward: store and forward everything; store-only: store, answer as the "
-          "vendor would, forward nothing; forward-only: forward without storing. "
-          "Empty means forward when an upstream is set and store-only otherwise.",
+          "forward: store and forward everything; sample: store everything, forward "
+          "all metrics, events and checks and a sample of logs and traces (see the "
+          "[sampling] section); store-only: store, answer as the vendor would, forward "
+          "nothing; forward-only: forward without storing. Empty means sample when an "
+          "upstream is set and store-only otherwise.",
           env=("PROXY_MODE",), choices=("",) + MODES),
     Field("proxy", "sample_rate", "float", 0.1,
-          "Fraction of logs and traces to forward in sample mode.",
+          "Fraction of logs and traces to forward in sample mode (the default rate "
+          "of sampling.trace_rate and sampling.log_rate).",
           env=("SAMPLE_RATE",), minimum=0.0, maximum=1.0),
     Field("proxy", "forward_to", "str", "",
           "One base URL that receives every forwarded request, whatever its vendor "
@@ -135,6 +155,33 @@ FIELDS: tuple[Field, ...] = (
     Field("datadog", "api_key", "secret", None,
           "API key added to Datadog requests that carry none.",
           env=("DATADOG_API_KEY", "DD_API_KEY")),
+    Field("newrelic", "region", "str", "",
+          "New Relic region to forward to (us or eu): picks the metric-api, log-api, "
+          "trace-api and insights-collector hosts of that region.",
+          env=("NEW_RELIC_REGION",), choices=("", "us", "eu")),
+    Field("newrelic", "endpoint", "str", "",
+          "Base URL for all New Relic traffic, overriding the region's hosts.",
+          env=("NEW_RELIC_ENDPOINT",)),
+    Field("newrelic", "api_key", "secret", None,
+          "License or API key added to New Relic requests that carry none.",
+          env=("NEW_RELIC_API_KEY", "NEW_RELIC_LICENSE_KEY")),
+    Field("otlp", "endpoint", "str", "",
+          "Base URL of the OTLP/HTTP receiver that gets /v1/traces, /v1/metrics and /v1/logs.",
+          env=("OTLP_ENDPOINT",)),
+    Field("prometheus", "endpoint", "str", "",
+          "Base URL of the remote-write receiver (the request path is kept).",
+          env=("PROMETHEUS_ENDPOINT",)),
+    Field("splunk", "endpoint", "str", "",
+          "Base URL of the Splunk HTTP Event Collector.",
+          env=("SPLUNK_ENDPOINT", "SPLUNK_HEC_ENDPOINT")),
+    Field("loki", "endpoint", "str", "",
+          "Base URL of Loki.", env=("LOKI_ENDPOINT",)),
+    Field("elasticsearch", "endpoint", "str", "",
+          "Base URL of Elasticsearch.", env=("ELASTICSEARCH_ENDPOINT",)),
+    Field("influxdb", "endpoint", "str", "",
+          "Base URL of InfluxDB.", env=("INFLUXDB_ENDPOINT",)),
+    Field("zipkin", "endpoint", "str", "",
+          "Base URL of the Zipkin collector.", env=("ZIPKIN_ENDPOINT",)),
     Field("limits", "max_body_bytes", "int", 32 * _MiB,
           "Largest request body accepted as received (before decoding).", minimum=1024),
     Field("limits", "max_decoded_bytes", "int", 128 * _MiB,
@@ -147,6 +194,20 @@ FIELDS: tuple[Field, ...] = (
           "Upper bound of the LMDB map size in bytes.", minimum=_MiB),
     Field("storage", "compression_level", "int", 3,
           "zstd level for stored request bodies.", minimum=1, maximum=22),
+    Field("storage", "index_items", "bool", True,
+          "Parse payloads in forward mode too, so that stored records carry their "
+          "items (service, host, metric name, trace id) for the query API. Store-only "
+          "and sample modes always parse.",),
+    Field("storage", "compact_after", "float", 300.0,
+          "Seconds a record stays in its hot form (one zstd frame with the stream's "
+          "trained dictionary) before the compactor packs it into a block.", minimum=0),
+    Field("storage", "block_level", "int", 19,
+          "zstd level of packed blocks.", minimum=1, maximum=22),
+    Field("retention", "max_age", "float", 30 * 86400.0,
+          "Seconds records are kept (30 days by default); 0 keeps them forever. "
+          "Undelivered spool entries are never removed by retention.", minimum=0),
+    Field("retention", "max_bytes", "int", 0,
+          "Data bytes kept at most, oldest records deleted first; 0 for no limit.", minimum=0),
     Field("storage", "durability", "str", "interval",
           "fsync: sync before answering; interval: sync every storage.sync_interval "
           "seconds (a process crash loses nothing, a power loss at most that "
@@ -154,7 +215,69 @@ FIELDS: tuple[Field, ...] = (
           choices=DURABILITY),
     Field("storage", "sync_interval", "float", 1.0,
           "Seconds between syncs when storage.durability is interval.", minimum=0.01),
+    Field("server", "tls_sni_certificates", "list", [],
+          "Further certificates for ssl: listeners, chosen by the name a client asks "
+          "for (SNI), each as CERTIFICATE_PATH:KEY_PATH (or one PEM file holding both); "
+          "a certificate serves the DNS names of its subjectAltName, wildcards included. "
+          "Clients that send no known name get server.tls_certificate."),
+    Field("server", "tls_reload_interval", "float", 5.0,
+          "Seconds between checks of the TLS files' modification times; a changed "
+          "file is reloaded for new handshakes without closing open connections "
+          "(SIGHUP reloads at once). 0 checks only on SIGHUP.", minimum=0),
+    Field("server", "tls_client_ca", "str", "",
+          "PEM bundle of the CAs that sign client certificates on ssl: ingest "
+          "listeners (mutual TLS); empty asks no client certificate."),
+    Field("server", "tls_client_auth", "str", "require",
+          "With server.tls_client_ca set: require refuses clients without a valid "
+          "certificate; optional verifies a certificate when one is sent.",
+          choices=("require", "optional")),
+    Field("upstream", "allow_plain_http", "bool", False,
+          "Allow http:// upstream URLs to hosts other than loopback addresses (the "
+          "traffic, API keys included, then crosses the network unencrypted); "
+          "a warning is logged at start."),
+    Field("admin", "tokens_file", "str", "",
+          "File of bearer tokens for the admin listener, one a line; every admin path "
+          "except /health and /ready needs one of them (or an htpasswd user).",
+          env=("REDUCTRAI_ADMIN_TOKENS_FILE",)),
+    Field("admin", "htpasswd_file", "str", "",
+          "htpasswd file of admin users with bcrypt hashes (htpasswd -B); "
+          "HTTP Basic authentication.",
+          env=("REDUCTRAI_ADMIN_HTPASSWD_FILE",)),
+    Field("admin", "allow_unauthenticated_loopback", "bool", False,
+          "Serve the admin paths without a credential when no credential is "
+          "configured and every admin listener is bound to a loopback address."),
+    Field("admin", "max_auth_failures", "int", 10,
+          "Failed admin authentications per client address and minute before that "
+          "address is answered 429 until the minute is over.", minimum=1),
+    Field("limits", "allow_networks", "list", [],
+          "Client networks (CIDR) allowed on the ingest listeners; others get 403 "
+          "and the connection is closed. Empty allows every address."),
+    Field("limits", "client_requests_per_second", "float", 0.0,
+          "Sustained ingest requests per second per client (its certificate "
+          "subject under mutual TLS, else its address); 0 disables the limit. "
+          "Excess requests get 429 with Retry-After.", minimum=0),
+    Field("limits", "client_burst", "int", 200,
+          "Requests a client may send at once above its sustained rate.", minimum=1),
+    Field("limits", "max_connections", "int", 1024,
+          "Open client connections per listener role (ingest, admin); a connection "
+          "beyond it gets 503 and is closed.", minimum=1),
+    Field("limits", "max_header_count", "int", 100,
+          "Header fields per request; more get 431.", minimum=8),
+    Field("limits", "max_header_bytes", "int", 16384,
+          "Bytes of the request line and header fields together; more get 431.",
+          minimum=1024),
+    Field("limits", "request_deadline", "float", 300.0,
+          "Seconds a client may take to send one whole request, headers and body, "
+          "however steadily it sends; then 408 and the connection is closed "
+          "(server.request_timeout bounds each silence).", minimum=1),
+    Field("log", "format", "str", "text",
+          "Log format of twistd's log: text, or json (one JSON object a line).",
+          env=("REDUCTRAI_LOG_FORMAT",), choices=("text", "json")),
 )  # end of FIELDS
+
+from reductrai.sampling.settings import SAMPLING_FIELDS  # noqa: E402  (needs Field above)
+
+FIELDS = FIELDS + tuple(SAMPLING_FIELDS)
 
 FIELDS_BY_KEY = {field.key: field for field in FIELDS}
 
@@ -276,24 +399,20 @@ class Settings:
     @property
     def effective_mode(self) -> str:
         """
-        The proxy mode in force: the configured one, or C{"forward"} when an
+        The proxy mode in force: the configured one, or C{"sample"} when an
         upstream is configured and C{"store-only"} otherwise.
         """
         mode = self.values["proxy.mode"]
         if mode:
             return mode
-        return "forward" if self.has_upstream else "store-only"
+        return "sample" if self.has_upstream else "store-only"
 
     @property
     def has_upstream(self) -> bool:
         """
         Whether any upstream base URL is configured.
         """
-        return bool(
-            self.values["proxy.forward_to"]
-            or self.values["datadog.endpoint"]
-            or self.values["datadog.site"]
-        )
+        return any(self.values[key] for key in UPSTREAM_KEYS)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """
@@ -401,7 +520,9 @@ def _apply_listener_shortcuts(values: dict[str, Any], origins: dict[str, str]) -
 def _check_urls(values: dict[str, Any], origins: dict[str, str]) -> None:
     from urllib.parse import urlsplit
 
-    for key in ("proxy.forward_to", "datadog.endpoint"):
+    for key in UPSTREAM_KEYS:
+        if not key.endswith((".endpoint", ".forward_to")):
+            continue
         url = values[key]
         if not url:
             continue
@@ -431,21 +552,26 @@ def example_config() -> str:
         "# Secrets also take a <name>_file key or a <VARIABLE>_FILE environment",
         "# variable naming a file that holds the value.",
     ]
-    section = None
+    sections: dict[str, list[Field]] = {}
     for field in FIELDS:
-        if field.section != section:
-            section = field.section
-            lines += ["", f"[{section}]"]
-        lines.append("")
-        for chunk in _wrap(field.help, 76):
-            lines.append(f"# {chunk}")
-        if field.env:
-            lines.append("# Environment: " + ", ".join(field.env_names))
-        if field.kind == "secret":
-            lines.append(f'# {field.name}_file = "/run/secrets/{field.name}"')
-            continue
-        lines.append(f"{field.name} = {_toml_value(field.default)}")
+        sections.setdefault(field.section, []).append(field)
+    for section, fields in sections.items():
+        lines += ["", f"[{section}]"]
+        for field in fields:
+            lines.extend(_example_lines(field))
     return "\n".join(lines) + "\n"
+
+
+def _example_lines(field: Field) -> list[str]:
+    lines = [""]
+    lines.extend(f"# {chunk}" for chunk in _wrap(field.help, 76))
+    if field.env:
+        lines.append("# Environment: " + ", ".join(field.env_names))
+    if field.kind == "secret":
+        lines.append(f'# {field.name}_file = "/run/secrets/{field.name}"')
+    else:
+        lines.append(f"{field.name} = {_toml_value(field.default)}")
+    return lines
 
 
 def _toml_value(value: Any) -> str:

@@ -4,8 +4,8 @@ Listening endpoints from Twisted endpoint strings.
 C{tcp:}, C{unix:} and any other endpoint type go to
 L{twisted.internet.endpoints.serverFromString} unchanged.  C{ssl:} strings
 are built here instead, so that every TLS listener gets the hardened
-options of L{reductrai.tls.server_options} (TLS 1.2 at the lowest, modern
-ciphers) whatever the string says; an C{ssl:} string without
+options of L{reductrai.tls.ServerTLS} (TLS 1.2 at the lowest, modern
+ciphers, SNI, client certificates, reloads) whatever the string says; an C{ssl:} string without
 C{privateKey=}/C{certKey=} uses the server's configured certificate.
 """
 
@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-from reductrai.tls import server_options
+from reductrai.tls import ServerTLS
 
 
 class ListenerError(ValueError):
@@ -87,12 +87,18 @@ def build_endpoint(
     description: str,
     default_tls_files: Optional[Callable[[], tuple[str, str]]] = None,
     tls_minimum_version: str = "1.2",
+    tls_factory: Optional[Callable[[str, str], object]] = None,
 ) -> IStreamServerEndpoint:
     """
     Build a server endpoint from an endpoint string.
 
     @param default_tls_files: called for an C{ssl:} string that names no
         certificate; returns C{(certificate_path, private_key_path)}.
+    @param tls_factory: builds the TLS connection creator of an C{ssl:}
+        listener from C{(certificate_path, private_key_path)}, such as
+        L{reductrai.tls.TLSManager.factory}; by default a
+        L{reductrai.tls.ServerTLS} with C{tls_minimum_version} and no
+        client certificates.
     @raise ListenerError: the string is invalid; the message names it.
     """
     positional, keywords = split_description(description)
@@ -128,7 +134,10 @@ def build_endpoint(
         certificate = certificate or private_key
         private_key = private_key or certificate
     try:
-        options = server_options(certificate, private_key, tls_minimum_version)
+        if tls_factory is None:
+            options = ServerTLS(certificate, private_key, minimum_version=tls_minimum_version)
+        else:
+            options = tls_factory(certificate, private_key)
     except ValueError as error:
         raise ListenerError(f"invalid listener {description!r}: {error}") from None
     return SSL4ServerEndpoint(

@@ -4,7 +4,7 @@ The daemon's Prometheus metrics, in a registry of its own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
@@ -58,6 +58,37 @@ class Metrics:
             "Time from sending a request upstream to its whole response.",
             ["upstream"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+
+        self.tls_handshake_failures = Counter(
+            "reductrai_tls_handshake_failures",
+            "TLS connections that ended in a TLS error before any request, by listener role.",
+            ["role"],
+            registry=self.registry,
+        )
+        self.tls_reloads = Counter(
+            "reductrai_tls_reloads",
+            "Reloads of the listeners' TLS certificates, by outcome (ok or error).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.limits_hit = Counter(
+            "reductrai_limits_hit",
+            "Connections or requests refused by a limit, by listener role and limit.",
+            ["role", "limit"],
+            registry=self.registry,
+        )
+        self.connections_open = Gauge(
+            "reductrai_connections_open",
+            "Client connections open now, by listener role.",
+            ["role"],
+            registry=self.registry,
+        )
+        self.admin_auth_failures = Counter(
+            "reductrai_admin_auth_failures",
+            "Admin requests refused for want of a valid credential, by reason.",
+            ["reason"],
             registry=self.registry,
         )
 

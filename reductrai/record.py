@@ -11,7 +11,12 @@ Value::
 
 The header is compact UTF-8 JSON (see L{RecordHeader}); the body is one zstd
 frame of the decoded request body, with the frame's content size and
-checksum set.  Credentials never reach either part: the caller removes them
+checksum set.  When the header names a C{dictionary}, the frame was
+compressed with that trained dictionary (see L{reductrai.dictionaries}).
+
+Packed records live in blocks instead (see L{encode_block}): one zstd frame
+holding many records of one stream (vendor and kind), each with its key,
+its header and its decoded body.  Credentials never reach either part: the caller removes them
 from headers, query and path before building the header.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import attrs
 import zstandard
@@ -111,9 +116,47 @@ class RecordHeader:
     size: int
     crc32: int
     headers: list[list[str]] = attrs.field(factory=list)
+    dictionary: Optional[int] = None
+    items: Optional[int] = None
+    item_min_ns: Optional[int] = None
+    item_max_ns: Optional[int] = None
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+    @property
+    def stream(self) -> str:
+        """
+        The stream this record belongs to: C{"<vendor>/<kind>"}.
+        """
+        return f"{self.vendor}/{self.kind}"
+
+
+_OPTIONAL_FIELDS = ("dictionary", "items", "item_min_ns", "item_max_ns")
+
+
+def header_bytes(header: RecordHeader) -> bytes:
+    """
+    Serialise a header as compact JSON, leaving out optional fields that
+    are unset.
+    """
+    fields = attrs.asdict(header)
+    for name in _OPTIONAL_FIELDS:
+        if fields[name] is None:
+            del fields[name]
+    return json.dumps(fields, separators=(",", ":")).encode("utf-8")
+
+
+def parse_header(data: bytes) -> RecordHeader:
+    """
+    Read a header serialised by L{header_bytes}.
+
+    @raise RecordError: not a valid header.
+    """
+    try:
+        return RecordHeader(**json.loads(data))
+    except (ValueError, TypeError) as error:
+        raise RecordError(f"record header is invalid: {error}") from None
 
 
 class RecordCodec:
@@ -121,20 +164,40 @@ class RecordCodec:
     Encode and decode record values with reusable zstd contexts.
 
     Not thread-safe: each thread uses its own codec.
+
+    @ivar dictionary_lookup: called with a dictionary id, returns the
+        dictionary's bytes or L{None} when unknown; records compressed with
+        a dictionary need it.
     """
 
-    def __init__(self, level: int = 3) -> None:
+    def __init__(self, level: int = 3, dictionary_lookup: Optional[Callable[[int], Optional[bytes]]] = None) -> None:
         self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         self._decompressor = zstandard.ZstdDecompressor()
+        self._dictionary_decompressors: dict[int, zstandard.ZstdDecompressor] = {}
+        self.dictionary_lookup = dictionary_lookup
 
-    def encode(self, header: RecordHeader, body: bytes) -> bytes:
+    def encode(self, header: RecordHeader, body: bytes, compressor: Optional[zstandard.ZstdCompressor] = None) -> bytes:
         """
         Build the stored value of a record.
+
+        @param compressor: the compressor to use instead of the plain one,
+            such as one built on the dictionary C{header.dictionary} names.
         """
-        header_bytes = json.dumps(attrs.asdict(header), separators=(",", ":")).encode("utf-8")
-        return b"".join(
-            (_PREFIX.pack(FORMAT_VERSION, len(header_bytes)), header_bytes, self._compressor.compress(body))
-        )
+        head = header_bytes(header)
+        frame = (compressor or self._compressor).compress(body)
+        return b"".join((_PREFIX.pack(FORMAT_VERSION, len(head)), head, frame))
+
+    def _decompressor_for(self, dictionary: Optional[int]) -> zstandard.ZstdDecompressor:
+        if dictionary is None:
+            return self._decompressor
+        found = self._dictionary_decompressors.get(dictionary)
+        if found is None:
+            data = self.dictionary_lookup(dictionary) if self.dictionary_lookup else None
+            if data is None:
+                raise RecordError(f"record needs dictionary {dictionary}, which the store does not hold")
+            found = zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(data))
+            self._dictionary_decompressors[dictionary] = found
+        return found
 
     def decode_header(self, value: bytes) -> RecordHeader:
         """
@@ -156,7 +219,7 @@ class RecordCodec:
         header, offset = self._split(value)
         frame = memoryview(value)[offset:]
         try:
-            body = self._decompressor.decompress(frame, max_output_size=header.size)
+            body = self._decompressor_for(header.dictionary).decompress(frame, max_output_size=header.size)
         except zstandard.ZstdError as error:
             raise RecordError(f"stored body is corrupt: {error}") from None
         if len(body) != header.size or zlib.crc32(body) != header.crc32:
@@ -172,9 +235,115 @@ class RecordCodec:
         end = _PREFIX.size + header_length
         if end > len(value):
             raise RecordError("record header is truncated")
-        try:
-            fields = json.loads(bytes(value[_PREFIX.size : end]))
-            header = RecordHeader(**fields)
-        except (ValueError, TypeError) as error:
-            raise RecordError(f"record header is invalid: {error}") from None
-        return header, end
+        return parse_header(bytes(value[_PREFIX.size : end])), end
+
+
+_DERIVED_FIELDS = ("received_ns", "size", "crc32")
+
+
+def packed_header_bytes(header: RecordHeader) -> bytes:
+    """
+    Serialise a header for a block: without the fields a block derives
+    (arrival time from the key, size and CRC-32 from the body, which the
+    block's own checksums protect), since they vary with every record and
+    would cost the block most of what it saves.
+    """
+    fields = json.loads(header_bytes(header))
+    for name in _DERIVED_FIELDS:
+        fields.pop(name, None)
+    return json.dumps(fields, separators=(",", ":")).encode("utf-8")
+
+
+def parse_packed_header(data: bytes, key: bytes, body: bytes) -> RecordHeader:
+    """
+    Read a header written by L{packed_header_bytes} for the record C{key}
+    with the decoded C{body}.
+
+    @raise RecordError: not a valid header.
+    """
+    try:
+        fields = json.loads(data)
+        fields.setdefault("received_ns", split_key(key)[0])
+        fields.setdefault("size", len(body))
+        fields.setdefault("crc32", zlib.crc32(body))
+        return RecordHeader(**fields)
+    except (ValueError, TypeError) as error:
+        raise RecordError(f"record header is invalid: {error}") from None
+
+
+_BLOCK_MAGIC = b"RBK2"
+_BLOCK_COUNT = struct.Struct(">4sI")
+
+
+def encode_block(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """
+    Lay out records for packing, before compression.
+
+    The layout is columnar so that one zstd frame finds the repetition in
+    each column: arrival-time deltas, sequence numbers, header lengths,
+    body lengths, then every header, then every body::
+
+        "RBK2" | count (4) | count * time delta (8) | count * sequence (4)
+        | count * header length (4) | count * body length (4)
+        | headers... | bodies...
+
+    The first time delta is from 0, so it is the first record's time.
+
+    @param entries: C{(key, header bytes, decoded body)} in key order.
+    @return: the uncompressed block.
+    """
+    count = len(entries)
+    times, sequences = [], []
+    previous = 0
+    for key, _, _ in entries:
+        time_ns, sequence = _KEY.unpack(key)
+        times.append(time_ns - previous)
+        sequences.append(sequence)
+        previous = time_ns
+    parts = [
+        _BLOCK_COUNT.pack(_BLOCK_MAGIC, count),
+        struct.pack(f">{count}Q", *times),
+        struct.pack(f">{count}I", *sequences),
+        struct.pack(f">{count}I", *(len(head) for _, head, _ in entries)),
+        struct.pack(f">{count}I", *(len(body) for _, _, body in entries)),
+    ]
+    return b"".join(parts + [head for _, head, _ in entries] + [body for _, _, body in entries])
+
+
+def decode_block(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """
+    Yield C{(key, header bytes, body)} of an uncompressed block built by
+    L{encode_block}, in key order.
+
+    @raise RecordError: the block is malformed.
+    """
+    if len(data) < _BLOCK_COUNT.size:
+        raise RecordError("block is truncated")
+    magic, count = _BLOCK_COUNT.unpack_from(data)
+    if magic != _BLOCK_MAGIC:
+        raise RecordError("block has an unknown format")
+    offset = _BLOCK_COUNT.size
+    if offset + count * 20 > len(data):
+        raise RecordError("block table is truncated")
+    times = struct.unpack_from(f">{count}Q", data, offset)
+    offset += 8 * count
+    sequences = struct.unpack_from(f">{count}I", data, offset)
+    offset += 4 * count
+    header_lengths = struct.unpack_from(f">{count}I", data, offset)
+    offset += 4 * count
+    body_lengths = struct.unpack_from(f">{count}I", data, offset)
+    offset += 4 * count
+    body_offset = offset + sum(header_lengths)
+    if body_offset + sum(body_lengths) != len(data):
+        raise RecordError("block lengths do not add up")
+    view = memoryview(data)
+    time_ns = 0
+    for delta, sequence, header_length, body_length in zip(times, sequences, header_lengths, body_lengths):
+        time_ns += delta
+        yield (
+            _KEY.pack(time_ns, sequence),
+            bytes(view[offset : offset + header_length]),
+            bytes(view[body_offset : body_offset + body_length]),
+        )
+        offset += header_length
+        body_offset += body_length

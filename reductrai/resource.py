@@ -1,20 +1,29 @@
 """
 The ingest resource: one twisted.web resource serving every vendor route.
 
-For each request it finds the route, checks the method and the body size,
-decodes the body for storage, stores it, forwards it untouched and answers
-the client.  Which of those happen depends on the proxy mode:
+For each request it finds the route (by path, never by C{Host}), checks the
+method and the body size, decodes the body, parses it when the mode needs
+the items, stores it, forwards it and answers the client.  Which of those
+happen depends on the proxy mode:
 
-  - C{forward}: store and forward; the client gets the upstream's answer.
-    A vendor without a configured upstream is served as in C{store-only}.
-  - C{store-only}: store; the client gets the vendor's success answer once
-    the record is committed.
-  - C{forward-only}: forward without decoding or storing.
+  - C{forward}: store and forward everything; the client gets the
+    upstream's answer.
+  - C{sample}: store everything; forward metrics, events and checks in
+    full and a sample of logs and traces (L{reductrai.sampling}).  A
+    request whose items are all dropped is not sent and the client gets
+    the vendor's success answer.
+  - C{store-only}: store; the client gets the vendor's success answer
+    once the record is committed.
+  - C{forward-only}: forward without decoding, parsing or storing.
+
+A vendor without a configured upstream is served as in C{store-only} in
+every mode but C{forward-only}.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Optional
+from urllib.parse import parse_qs
 
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
@@ -24,22 +33,27 @@ from twisted.web.server import NOT_DONE_YET
 
 from reductrai.credentials import end_to_end_headers, storable_headers, storable_path, storable_query
 from reductrai.encoding import CorruptBody, DecodedTooLarge, EncodingError, UnsupportedEncoding, decode_body
+from reductrai.formats.items import PayloadContext, PayloadError
 from reductrai.forward import Forwarder, UpstreamError, UpstreamResponse
 from reductrai.metrics import Metrics
 from reductrai.ratelimit import RateLimitedLog
 from reductrai.store import RecordStore, StoreError, StoreFull
-from reductrai.vendors.base import Answer, Match, Router, json_answer
+from reductrai.vendors.base import Answer, AnswerContext, Match, Router
+from reductrai.vendors.registry import UNKNOWN_MATCH
 
 SERVER = b"reductrai"
-
-
-def _no_route(status: int, reason: str) -> Answer:
-    return json_answer(status, {"errors": [reason]})
 
 
 class IngestResource(Resource):
     """
     Serve every vendor route of a L{Router}.
+
+    @ivar sampling: the L{reductrai.sampling.SamplingPolicy} of sample
+        mode, or L{None}.
+    @ivar sampling_counters: where sampling decisions are counted, or
+        L{None}.
+    @ivar index_items: parse payloads in forward mode too, so that stored
+        records carry their items for the query API.
     """
 
     isLeaf = True
@@ -53,6 +67,9 @@ class IngestResource(Resource):
         store: Optional[RecordStore],
         forwarder: Optional[Forwarder],
         metrics: Metrics,
+        sampling=None,
+        sampling_counters=None,
+        index_items: bool = True,
     ) -> None:
         super().__init__()
         self.router = router
@@ -61,22 +78,27 @@ class IngestResource(Resource):
         self.store = store
         self.forwarder = forwarder
         self.metrics = metrics
+        self.sampling = sampling
+        self.sampling_counters = sampling_counters
+        self.index_items = index_items
         self.max_decoded_bytes = int(settings["limits.max_decoded_bytes"])
         self._errors = RateLimitedLog(self.log)
+
+    # -- request flow ------------------------------------------------------
 
     def render(self, request):
         request.setHeader(b"server", SERVER)
         path = request.path.decode("latin-1")
-        match = self.router.match(path)
-        if match is None:
-            return self._reject(request, None, _no_route(404, f"no route for {path}"), "unknown_path")
+        content_type_header = request.getHeader(b"content-type")
+        content_type = content_type_header.decode("latin-1") if content_type_header is not None else None
+        match = self.router.match(path, content_type) or UNKNOWN_MATCH
         route, vendor = match.route, match.vendor
 
         if request.method not in route.methods:
             allowed = b", ".join(sorted(route.methods))
             request.setHeader(b"allow", allowed)
-            answer = vendor.error(405, f"method {request.method.decode('latin-1')} is not allowed on {route.path}; allowed: {allowed.decode()}")
-            return self._reject(request, match, answer, "method_not_allowed")
+            reason = f"method {request.method.decode('latin-1')} is not allowed on {route.path}; allowed: {allowed.decode()}"
+            return self._reject(request, match, vendor.error(405, reason), "method_not_allowed")
 
         if request.too_large:
             request.setHeader(b"connection", b"close")
@@ -86,44 +108,149 @@ class IngestResource(Resource):
             return self._reject(request, match, answer, "body_too_large")
 
         body = request.content.getvalue()
-        encoding_header = request.getHeader(b"content-encoding")
-        encoding = encoding_header.decode("latin-1") if encoding_header is not None else None
-        kind_labels = (vendor.name, route.kind)
-        self.metrics.received_bytes.labels(*kind_labels).inc(len(body))
-
+        self.metrics.received_bytes.labels(vendor.name, route.kind).inc(len(body))
         base_url = None
-        if self.mode in ("forward", "forward-only") and self.forwarder is not None:
+        if self.forwarder is not None and self.mode != "store-only":
             base_url = vendor.upstream_base(route.upstream, self.settings)
-        storing = self.mode != "forward-only" and self.store is not None
 
-        stored = None
-        if storing:
-            try:
-                decoded = decode_body(body, encoding, self.max_decoded_bytes)
-            except UnsupportedEncoding as error:
-                return self._reject(request, match, vendor.error(415, error.reason), "unsupported_encoding")
-            except DecodedTooLarge as error:
-                return self._reject(request, match, vendor.error(413, error.reason), "decoded_too_large")
-            except (CorruptBody, EncodingError) as error:
-                return self._reject(request, match, vendor.error(400, error.reason), "corrupt_body")
-            self.metrics.decoded_bytes.labels(*kind_labels).inc(len(decoded))
-            stored = self.store.append(self._header_fields(request, match, encoding, len(body)), decoded)
-
-        if base_url is None:
-            if stored is None:
+        if self.mode == "forward-only" or self.store is None:
+            if base_url is None:
                 answer = vendor.error(502, f"no upstream is configured for {vendor.name}")
                 return self._reject(request, match, answer, "no_upstream")
+            forwarded = self._forward(request, match, base_url, body)
+            forwarded.addBoth(lambda outcome: self._relay(request, match, outcome, None))
+            return NOT_DONE_YET
+
+        encoding_header = request.getHeader(b"content-encoding")
+        encoding = encoding_header.decode("latin-1") if encoding_header is not None else None
+        context = self._answer_context(request, match, path, content_type)
+        if vendor.check is not None:
+            refused = vendor.check(context)
+            if refused is not None:
+                return self._reject(request, match, refused, "vendor_check")
+
+        try:
+            decoded = decode_body(body, encoding, self.max_decoded_bytes)
+        except UnsupportedEncoding as error:
+            return self._reject(request, match, vendor.error(415, error.reason, context), "unsupported_encoding")
+        except DecodedTooLarge as error:
+            return self._reject(request, match, vendor.error(413, error.reason, context), "decoded_too_large")
+        except (CorruptBody, EncodingError) as error:
+            return self._reject(request, match, vendor.error(400, error.reason, context), "corrupt_body")
+        self.metrics.decoded_bytes.labels(vendor.name, route.kind).inc(len(decoded))
+        context.body = decoded
+
+        # The vendor is the judge of payloads it receives in forward mode;
+        # everywhere else reductrai answers for it and must reject what it
+        # would reject.
+        answering_for_vendor = base_url is None or self.mode == "sample"
+        parsed = None
+        if route.parser is not None and (answering_for_vendor or self.index_items):
+            try:
+                parsed = context.parsed
+            except PayloadError as error:
+                self.metrics.rejected.labels("invalid_payload").inc()
+                if answering_for_vendor:
+                    return self._reject(request, match, vendor.error(400, error.reason, context), "invalid_payload")
+            except Exception:
+                self.log.failure("Parser of {vendor}.{route} failed", vendor=vendor.name, route=route.name)
+                if answering_for_vendor:
+                    return self._reject(request, match, vendor.error(400, "invalid payload", context), "invalid_payload")
+
+        stored = self.store.append(
+            self._header_fields(request, match, encoding, len(body)),
+            decoded,
+            items=parsed.items if parsed is not None else None,
+        )
+
+        if base_url is None:
             stored.addCallbacks(
-                lambda key: self._answer(request, match, route.success(decoded)),
+                lambda key: self._answer_success(request, match, context),
                 lambda failure: self._store_failed(request, match, failure),
             )
             return NOT_DONE_YET
 
-        forwarded = self._forward(request, match, base_url, body)
-        waiting = [forwarded] + ([stored] if stored is not None else [])
-        results = defer.DeferredList(waiting, consumeErrors=True)
-        results.addCallback(lambda outcomes: self._relay(request, match, outcomes))
+        forward_body = body
+        thinned = False
+        if self.mode == "sample" and self.sampling is not None:
+            decision = self.sampling.decide(vendor.name, route.kind, parsed)
+            forward_body, thinned = self._sample(match, context, body, decoded, encoding, parsed, decision)
+            if forward_body is None:
+                stored.addCallbacks(
+                    lambda key: self._answer_success(request, match, context),
+                    lambda failure: self._store_failed(request, match, failure),
+                )
+                return NOT_DONE_YET
+
+        forwarded = self._forward(request, match, base_url, forward_body)
+        results = defer.DeferredList([forwarded, stored], consumeErrors=True)
+        results.addCallback(
+            lambda outcomes: self._relay(request, match, outcomes[0], outcomes[1], context if thinned else None)
+        )
         return NOT_DONE_YET
+
+    def _answer_context(self, request, match: Match, path: str, content_type: Optional[str]) -> AnswerContext:
+        headers = {
+            name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        _, _, query_bytes = request.uri.partition(b"?")
+        query = parse_qs(query_bytes.decode("latin-1"), keep_blank_values=True)
+        secret = match.vendor.credential_headers
+        payload_context = PayloadContext(
+            path=path,
+            content_type=content_type,
+            query=query,
+            headers={name: value for name, value in headers.items() if name not in secret},
+        )
+        context = AnswerContext(b"", content_type, headers, query, path)
+        parser = match.route.parser
+        if parser is not None:
+            context._parse = lambda: parser(context.body, payload_context)
+        context.payload_context = payload_context
+        return context
+
+    def _sample(self, match: Match, context, body: bytes, decoded: bytes, encoding, parsed, decision):
+        """
+        Apply a sampling decision.
+
+        @return: C{(body to forward or None when nothing is sent, whether
+            it was thinned)}.
+        """
+        from reductrai.sampling import UnsupportedPayload, reencode, thin_payload
+
+        vendor, route = match.vendor, match.route
+        forward_body: Optional[bytes] = body
+        forwarded_decoded = len(decoded)
+        thinned = False
+        if not decision.forward_request:
+            forward_body = None
+            forwarded_decoded = 0
+        elif not decision.keeps_all and parsed is not None:
+            try:
+                kept = thin_payload(
+                    vendor.name, route.name, context.payload_context, decoded, parsed,
+                    decision.keep_indexes, decision.rates,
+                )
+            except (UnsupportedPayload, PayloadError) as error:
+                self._errors.emit(
+                    f"thin:{vendor.name}.{route.name}", LogLevel.warn,
+                    "Cannot thin a {vendor} {route} payload, forwarding it whole: {error}",
+                    vendor=vendor.name, route=route.name, error=str(error),
+                )
+            else:
+                if kept is None:
+                    forward_body = None
+                    forwarded_decoded = 0
+                elif kept is not decoded:
+                    forward_body = reencode(kept, encoding)
+                    forwarded_decoded = len(kept)
+                    thinned = True
+        if self.sampling_counters is not None:
+            self.sampling_counters.record(
+                vendor.name, decision, len(decoded), forwarded_bytes=forwarded_decoded, wire_bytes=len(body),
+            )
+        return forward_body, thinned
 
     def _forward(self, request, match: Match, base_url: str, body: bytes):
         vendor = match.vendor
@@ -135,7 +262,8 @@ class IngestResource(Resource):
                 headers.setRawHeaders(vendor.key_header, [key.reveal().encode("utf-8")])
         display = storable_path(request.path.decode("latin-1"), match.route.path, match.route.credential_in_path)
         method = request.method
-        return self.forwarder.forward(base_url, method, request.uri, headers, body if body or method != b"GET" else None, display)
+        payload = body if body or method not in (b"GET", b"HEAD") else None
+        return self.forwarder.forward(base_url, method, request.uri, headers, payload, display)
 
     @staticmethod
     def _has_credential(request, match: Match) -> bool:
@@ -164,31 +292,41 @@ class IngestResource(Resource):
             "headers": storable_headers(request.requestHeaders, vendor.credential_headers),
         }
 
-    def _relay(self, request, match: Match, outcomes) -> None:
-        forwarded_ok, forwarded = outcomes[0]
-        if len(outcomes) > 1:
-            stored_ok, stored = outcomes[1]
+    # -- answers -----------------------------------------------------------
+
+    def _relay(self, request, match: Match, forwarded, stored, own_answer_context=None) -> None:
+        """
+        Answer with the upstream's response (or, for a thinned request that
+        the upstream accepted, with the vendor's answer to the full
+        request), after the record is committed.
+        """
+        if stored is not None:
+            stored_ok, stored_result = stored
             if stored_ok:
                 self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
             else:
-                self._log_store_failure(match, stored)
+                self._log_store_failure(match, stored_result)
+        if isinstance(forwarded, tuple):
+            forwarded_ok, outcome = forwarded
+        else:
+            forwarded_ok, outcome = not isinstance(forwarded, Failure), forwarded
+        label = f"{match.vendor.name}.{match.route.upstream}"
         if not forwarded_ok:
-            if forwarded.check(UpstreamError):
-                error = forwarded.value
-                self.metrics.upstream_requests.labels(self._upstream_label(match), "error").inc()
+            if outcome.check(UpstreamError):
+                error = outcome.value
+                self.metrics.upstream_requests.labels(label, "error").inc()
                 answer = match.vendor.error(error.status, error.reason)
-                return self._reject(request, match, answer, "upstream_unavailable", deliver=True)
-            self.log.failure("Forwarding failed unexpectedly", forwarded)
-            return self._reject(request, match, match.vendor.error(502, "forwarding failed"), "forward_error", deliver=True)
-        response: UpstreamResponse = forwarded
-        self.metrics.upstream_requests.labels(self._upstream_label(match), f"{response.status // 100}xx").inc()
+                return self._reject(request, match, answer, "upstream_unavailable")
+            self.log.failure("Forwarding failed unexpectedly", outcome)
+            return self._reject(request, match, match.vendor.error(502, "forwarding failed"), "forward_error")
+        response: UpstreamResponse = outcome
+        self.metrics.upstream_requests.labels(label, f"{response.status // 100}xx").inc()
         latency = getattr(self.forwarder, "last_latency", None)
         if latency is not None:
-            self.metrics.upstream_latency.labels(self._upstream_label(match)).observe(latency)
+            self.metrics.upstream_latency.labels(label).observe(latency)
+        if own_answer_context is not None and 200 <= response.status < 300:
+            return self._write_answer(request, match, match.route.success(own_answer_context.body, own_answer_context))
         self._write_response(request, match, response)
-
-    def _upstream_label(self, match: Match) -> str:
-        return f"{match.vendor.name}.{match.route.upstream}"
 
     def _write_response(self, request, match: Match, response: UpstreamResponse) -> None:
         if request._disconnected or request.finished:
@@ -203,9 +341,13 @@ class IngestResource(Resource):
             request.write(response.body)
         request.finish()
 
-    def _answer(self, request, match: Optional[Match], answer: Answer) -> None:
-        if match is not None:
-            self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
+    def _answer_success(self, request, match: Match, context: AnswerContext) -> None:
+        self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
+        try:
+            answer = match.route.success(context.body, context)
+        except Exception:
+            self.log.failure("Building the {vendor} answer failed", vendor=match.vendor.name)
+            answer = match.vendor.error(500, "internal error while building the answer", context)
         self._write_answer(request, match, answer)
 
     def _write_answer(self, request, match: Optional[Match], answer: Answer) -> None:
@@ -226,7 +368,7 @@ class IngestResource(Resource):
             request.write(answer.body)
         request.finish()
 
-    def _reject(self, request, match: Optional[Match], answer: Answer, reason: str, deliver: bool = False):
+    def _reject(self, request, match: Optional[Match], answer: Answer, reason: str):
         """
         Answer an error, count it and log it (rate-limited per reason).
         """
@@ -250,7 +392,7 @@ class IngestResource(Resource):
             answer = match.vendor.error(503, "local store is full; retry later")
         else:
             answer = match.vendor.error(503, "local store is unavailable; retry later")
-        answer = Answer(answer.status, answer.body, answer.content_type, {b"retry-after": b"30"})
+        answer = Answer(answer.status, answer.body, answer.content_type, {**answer.headers, b"retry-after": b"30"})
         self._reject(request, match, answer, "store_unavailable")
 
     def _log_store_failure(self, match: Match, failure: Failure) -> None:

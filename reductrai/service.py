@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from reductrai import __version__
 from reductrai.admin import admin_root
-from reductrai.config import Settings
+from reductrai.config import UPSTREAM_KEYS, Settings
 from reductrai.forward import Forwarder
 from reductrai.listeners import ListenerError, build_endpoint
 from reductrai.metrics import Metrics
@@ -27,6 +27,10 @@ from reductrai.request import IngestSite, QuietSite
 from reductrai.resource import IngestResource
 from reductrai.store import RecordStore, StoreOptions
 from reductrai.tls import ensure_dev_certificate
+from reductrai.auth import AdminAuthenticator
+from reductrai.limits import ClientRateLimiter, ConnectionLimits, IngestGuard
+from reductrai.reload import Reloader, reread_secrets
+from reductrai.tls import TLSManager, plain_http_upstreams
 from reductrai.vendors.registry import default_router
 
 
@@ -54,6 +58,11 @@ def prepare_data_dir(path: str) -> None:
         raise StartupError(
             f"data directory {path} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
             f"run: chmod o-w {path}"
+        )
+    if info.st_mode & stat.S_IWGRP:
+        Logger(namespace=__name__).warn(
+            "Data directory {path} is writable by its group (mode {mode}); run: chmod g-w {path}",
+            path=path, mode=f"{stat.S_IMODE(info.st_mode):04o}",
         )
 
 
@@ -85,6 +94,11 @@ class ReductraiService(service.MultiService):
         self.metrics = Metrics()
         self.store: Optional[RecordStore] = None
         self.forwarder: Optional[Forwarder] = None
+        self.sampling = None
+        self.sampling_counters = None
+        self.compactor = None
+        self.retention = None
+        self.spool = None
         self.ports: list = []
         self.admin_ports: list = []
         self.started_at = time.monotonic()
@@ -141,7 +155,7 @@ class ReductraiService(service.MultiService):
                 ),
                 self.reactor,
             )
-        if self.mode in ("forward", "forward-only"):
+        if self.mode in ("forward", "sample", "forward-only"):
             try:
                 self.forwarder = Forwarder(
                     self.reactor,
@@ -153,9 +167,35 @@ class ReductraiService(service.MultiService):
             except (OSError, ValueError) as error:
                 raise StartupError(f"upstream.ca_bundle: {error}") from None
 
-        resource = IngestResource(default_router(), settings, self.mode, self.store, self.forwarder, self.metrics)
+        if self.mode == "sample":
+            from reductrai.sampling import SamplingCounters, SamplingPolicy
+
+            self.sampling = SamplingPolicy.from_settings(settings)
+            self.sampling_counters = SamplingCounters(self.metrics.registry)
+        resource = IngestResource(
+            default_router(), settings, self.mode, self.store, self.forwarder, self.metrics,
+            sampling=self.sampling, sampling_counters=self.sampling_counters,
+            index_items=settings["storage.index_items"],
+        )
+        try:
+            for key, url in plain_http_upstreams(settings):
+                self.log.warn("{key} is plain HTTP ({url}): forwarded traffic and API keys are not encrypted", key=key, url=url)
+            ingest_limits = ConnectionLimits.from_settings(settings, "ingest", self.metrics)
+            admin_limits = ConnectionLimits.from_settings(settings, "admin", self.metrics)
+            self.admin_auth = AdminAuthenticator.from_settings(settings)
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        if settings["limits.client_requests_per_second"] > 0:
+            limiter = ClientRateLimiter(settings["limits.client_requests_per_second"], settings["limits.client_burst"], self.reactor.seconds)
+            resource = IngestGuard(resource, limiter, ingest_limits)
+        self.tls = TLSManager(settings, self._tls_files, self.metrics, self.reactor)
+        self.reloader = Reloader(self.reactor)
+        self.reloader.add("TLS certificates", self.tls.reload)
+        self.reloader.add("admin credentials", self.admin_auth.reload)
+        self.reloader.add("secrets", lambda: reread_secrets(settings))
         ingest_site = IngestSite(resource, settings["limits.max_body_bytes"], timeout=settings["server.request_timeout"])
-        admin_site = QuietSite(admin_root(self), timeout=settings["server.request_timeout"])
+        admin_site = QuietSite(admin_root(self, self.admin_auth), limits=admin_limits, timeout=settings["server.request_timeout"])
+        ingest_site.limits = ingest_limits
         admin_site.noisy = False
         ingest_site.noisy = False
 
@@ -167,7 +207,8 @@ class ReductraiService(service.MultiService):
     def _listen(self, description: str, site, role: str):
         try:
             endpoint = build_endpoint(
-                self.reactor, description, self._tls_files, self.settings["server.tls_minimum_version"]
+                self.reactor, description, self._tls_files, self.settings["server.tls_minimum_version"],
+                tls_factory=self.tls.factory(role),
             )
         except ListenerError as error:
             raise StartupError(str(error)) from None
@@ -191,15 +232,47 @@ class ReductraiService(service.MultiService):
                 self.store.open()
             except Exception as error:
                 self._abort(StartupError(f"cannot open the store in {self._data_dir}: {error}"))
+            self._start_store_services()
         super().startService()
-        upstream = "none (store-only)" if self.mode == "store-only" else (
-            self.settings["proxy.forward_to"] or self.settings["datadog.endpoint"]
-            or f"Datadog site {self.settings['datadog.site']}"
-        )
+        self.tls.start()
+        self.reloader.install()
+        upstreams = [f"{key}={self.settings[key]}" for key in UPSTREAM_KEYS if self.settings[key]]
+        upstream = ", ".join(upstreams) if upstreams else "none"
+        if self.mode == "sample":
+            detail = (
+                f"forwarding all metrics, events and service checks and a sample of logs and "
+                f"traces (default rate {self.settings['proxy.sample_rate']:g}); everything is stored"
+            )
+        elif self.mode == "store-only":
+            detail = "storing everything and forwarding nothing"
+        elif self.mode == "forward":
+            detail = "storing and forwarding everything"
+        else:
+            detail = "forwarding everything without storing"
         self.log.info(
-            "reductrai {version} started in {mode} mode; upstream: {upstream}; data in {data_dir}",
-            version=__version__, mode=self.mode, upstream=upstream, data_dir=self._data_dir,
+            "reductrai {version} started in {mode} mode, {detail}; upstream: {upstream}; data in {data_dir}",
+            version=__version__, mode=self.mode, detail=detail, upstream=upstream, data_dir=self._data_dir,
         )
+
+    def _start_store_services(self) -> None:
+        """
+        Start the compactor and the retention passes of the open store.
+        """
+        from reductrai.compactor import Compactor, CompactorOptions
+        from reductrai.retention import Retention, RetentionOptions
+
+        settings = self.settings
+        self.compactor = Compactor(
+            self.store, self.reactor,
+            CompactorOptions(min_age=settings["storage.compact_after"], level=settings["storage.block_level"]),
+        )
+        self.retention = Retention(
+            self.store, self.reactor,
+            RetentionOptions(max_age=settings["retention.max_age"], max_bytes=settings["retention.max_bytes"]),
+            spool_references=getattr(self.spool, "spool_references", None),
+        )
+        self.compactor.start()
+        self.retention.start()
 
     def stopService(self):
         """
@@ -207,8 +280,14 @@ class ReductraiService(service.MultiService):
         close the forwarder and the store.
         """
         super().stopService()
+        if getattr(self, "tls", None) is not None:
+            self.tls.stop()
+            self.reloader.uninstall()
         closing = [defer.maybeDeferred(port.stopListening) for port in self.ports + self.admin_ports]
         d = defer.DeferredList(closing)
+        for worker in (self.compactor, self.retention):
+            if worker is not None:
+                d.addCallback(lambda _, worker=worker: worker.stop())
         if self.forwarder is not None:
             d.addCallback(lambda _: self.forwarder.close())
         if self.store is not None:

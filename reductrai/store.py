@@ -6,27 +6,62 @@ from C{startService}, never before twistd forks.  Writes are group commits:
 every record appended during one reactor turn is written in one write
 transaction at the end of that turn, and each caller's L{Deferred} fires
 with the record's key once the transaction has committed.
+
+New records land hot: one value per record in C{records}, compressed with
+the current trained dictionary of their stream (L{reductrai.dictionaries}).
+The compactor (L{reductrai.compactor}) later moves older records of one
+stream into blocks: C{blocks} holds each block's index entry and
+C{block_data} its compressed bytes, both under the key
+C{stream | 0x00 | first record key}.  L{StoreView} reads both forms, so a
+record stays addressable by its key wherever it lives.  Retention
+(L{reductrai.retention}) keeps a floor time in C{meta}: records older than
+the floor are gone for every reader, even while their block still waits to
+be deleted as a whole.
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 import os
+import struct
 import time
 import zlib
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import attrs
 import lmdb
+import zstandard
 from twisted.internet import defer, task, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from reductrai.record import RecordCodec, RecordHeader, make_key
+from reductrai.dictionaries import DICTS_DB, DictionaryLookup, DictionaryManager, DictionaryOptions
+from reductrai.indexes import INDEX_DB, INDEX_REV_DB, index_ops, summary_of
+from reductrai.record import (
+    KEY_SIZE,
+    RecordCodec,
+    RecordError,
+    RecordHeader,
+    decode_block,
+    make_key,
+    parse_header,
+    parse_packed_header,
+)
 
 RECORDS_DB = b"records"
 META_DB = b"meta"
+BLOCKS_DB = b"blocks"
+BLOCK_DATA_DB = b"block_data"
 MAX_DBS = 32
+
+#: Meta key of the retention floor: 8-byte big-endian nanoseconds.
+FLOOR_KEY = b"retention-floor"
+
+#: The databases this module manages, in the order C{status} reports them.
+STORE_DATABASES = (RECORDS_DB, BLOCKS_DB, BLOCK_DATA_DB, DICTS_DB, INDEX_DB, INDEX_REV_DB, META_DB)
 
 
 class StoreError(Exception):
@@ -65,6 +100,8 @@ class StoreOptions:
     compression_level: int = 3
     durability: str = "interval"
     sync_interval: float = 1.0
+    dictionaries: DictionaryOptions = DictionaryOptions()
+    use_dictionaries: bool = True
 
 
 def open_environment(path: str, map_size: int, readonly: bool = False, sync: bool = False) -> lmdb.Environment:
@@ -101,7 +138,8 @@ class RecordStore:
         self.options = options
         self._reactor = reactor
         self._clock_ns = clock_ns
-        self._codec = RecordCodec(options.compression_level)
+        self._codec = RecordCodec(options.compression_level, self._dictionary_bytes)
+        self.dictionaries = DictionaryManager(options.dictionaries, self.submit, reactor, clock_ns)
         self.env: Optional[lmdb.Environment] = None
         self._records = None
         self._pending: list[tuple[bytes, bytes, Deferred]] = []
@@ -132,6 +170,9 @@ class RecordStore:
         with self.env.begin(write=True) as txn:
             meta = self.env.open_db(META_DB, txn=txn)
             txn.put(b"format", b"1", db=meta, overwrite=False)
+        for name in (META_DB, BLOCKS_DB, BLOCK_DATA_DB, INDEX_DB, INDEX_REV_DB):
+            self.database(name)
+        self.dictionaries.load(self.env)
         if self.options.durability == "interval":
             self._sync_loop = task.LoopingCall(self._sync_in_thread)
             self._sync_loop.clock = self._reactor
@@ -179,32 +220,56 @@ class RecordStore:
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         return make_key(now, self._sequence)
 
-    def append(self, header_fields: dict, body: bytes, extra: Optional[list] = None) -> "Deferred[bytes]":
+    def _dictionary_bytes(self, dictionary_id: int) -> Optional[bytes]:
+        return self.dictionaries.data.get(dictionary_id)
+
+    def append(
+        self, header_fields: dict, body: bytes, extra: Optional[list] = None, items: Optional[list] = None
+    ) -> "Deferred[bytes]":
         """
         Store one request.  C{header_fields} are the L{RecordHeader} fields
-        other than C{received_ns}, C{size} and C{crc32}, which this method
-        fills in.
+        other than C{received_ns}, C{size}, C{crc32} and the dictionary and
+        item fields, which this method fills in.
 
         @param extra: further operations committed in the same transaction
             as the record, as for L{submit}; a value may be a callable,
             called with the record key, to build it.
+        @param items: the parsed items of the request
+            (L{reductrai.formats.items.Item}), when the ingest path parsed
+            it: their count and time range go into the header and their
+            service, host, metric name and trace id into the secondary
+            indexes, in the same transaction.
         @return: a L{Deferred} that fires with the record key once the
             record is committed, or fails with L{StoreError}.
         """
         if self.env is None:
             return defer.fail(StoreClosed("the store is not open"))
         key = self.next_key()
+        stream = f"{header_fields['vendor']}/{header_fields['kind']}"
+        dictionary, compressor = (
+            self.dictionaries.compressor_for(stream) if self.options.use_dictionaries else (None, None)
+        )
+        fields = dict(header_fields)
+        if items is not None:
+            fields.update(summary_of(items))
         header = RecordHeader(
             received_ns=int.from_bytes(key[:8], "big"),
             size=len(body),
             crc32=zlib.crc32(body),
-            **header_fields,
+            dictionary=dictionary,
+            **fields,
         )
-        value = self._codec.encode(header, body)
+        value = self._codec.encode(header, body, compressor)
+        if self.options.use_dictionaries:
+            self.dictionaries.observe(stream, body)
         d: Deferred = Deferred()
         self._pending.append((key, value, d))
+        ops = []
         if extra:
             ops = [(op, db, k(key) if callable(k) else k, v(key) if callable(v) else v) for op, db, k, v in extra]
+        if items:
+            ops.extend(index_ops(key, items))
+        if ops:
             self._pending_ops.append((ops, Deferred()))
         self._schedule()
         return d
@@ -225,13 +290,17 @@ class RecordStore:
         self._schedule()
         return d
 
-    def database(self, name: bytes):
+    def database(self, name: bytes, txn=None):
         """
         Return the handle of a named database, creating it on first use.
+
+        @param txn: the write transaction in progress, if any: opening a
+            new database outside it would start a second write transaction
+            on this thread and wait forever for LMDB's writer lock.
         """
         handle = self._databases.get(name)
         if handle is None:
-            handle = self._databases[name] = self.env.open_db(name)
+            handle = self._databases[name] = self.env.open_db(name, txn=txn)
         return handle
 
     def _schedule(self) -> None:
@@ -252,6 +321,7 @@ class RecordStore:
             for d in waiting:
                 d.errback(StoreClosed("the store closed before the record was committed"))
             return
+        opened_before = set(self._databases)
         while True:
             try:
                 with self.env.begin(write=True, db=self._records) as txn:
@@ -259,13 +329,16 @@ class RecordStore:
                         txn.put(key, value, append=True)
                     for operations, _ in ops:
                         for op, db_name, key, value in operations:
-                            db = self.database(db_name)
+                            db = self.database(db_name, txn)
                             if op == "put":
                                 txn.put(key, value, db=db)
                             else:
                                 txn.delete(key, db=db)
                 break
             except lmdb.MapFullError:
+                # A database opened inside the aborted transaction is invalid.
+                for name in set(self._databases) - opened_before:
+                    del self._databases[name]
                 if not self._grow():
                     error = StoreFull(
                         f"the store reached its maximum map size ({self.options.max_map_size} bytes)"
@@ -329,6 +402,8 @@ class RecordStore:
             return {"state": "closed", "path": self.options.path}
         with self.env.begin(db=self._records) as txn:
             entries = txn.stat(self._records)["entries"]
+            blocks = txn.stat(self.database(BLOCKS_DB))["entries"]
+            data = data_bytes(self.env, txn, self._databases)
         info = self.env.info()
         stat = self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
@@ -336,10 +411,20 @@ class RecordStore:
             "state": "open",
             "path": self.options.path,
             "records": entries,
+            "blocks": blocks,
             "map_size": self.map_size,
             "used_bytes": used,
+            "data_bytes": data,
+            "dictionaries": len(self.dictionaries.data),
             "durability": self.options.durability,
         }
+
+    def view(self) -> "StoreView":
+        """
+        Return a reader of this store's records, hot and packed, for use in
+        the calling thread.
+        """
+        return StoreView(self.env, self._dictionary_bytes, self._databases)
 
 
 def file_size(path: str) -> int:
@@ -347,3 +432,391 @@ def file_size(path: str) -> int:
     Return the size of the environment's data file.
     """
     return os.path.getsize(os.path.join(path, "data.mdb"))
+
+
+def data_bytes(env: lmdb.Environment, txn: lmdb.Transaction, handles: Optional[dict] = None) -> int:
+    """
+    Return the bytes of the pages that hold data in the named databases
+    this module knows: what retention's byte limit counts.  Free pages,
+    which LMDB reuses, and other modules' databases (the spool) are not
+    counted.
+    """
+    psize = env.stat()["psize"]
+
+    def pages(stat):
+        return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+
+    total = 0
+    for name in STORE_DATABASES:
+        handle = (handles or {}).get(name)
+        if handle is None:
+            try:
+                handle = env.open_db(name, txn=txn, create=False)
+            except lmdb.Error:
+                continue
+        total += pages(txn.stat(handle))
+    return total * psize
+
+
+def read_floor(txn: lmdb.Transaction, meta) -> int:
+    """
+    Return the retention floor in nanoseconds (0 when none is set).
+    """
+    if meta is None:
+        return 0
+    value = txn.get(FLOOR_KEY, db=meta)
+    return struct.unpack(">Q", value)[0] if value else 0
+
+
+def block_key(stream: str, first_key: bytes) -> bytes:
+    """
+    Return the key of a block in C{blocks} and C{block_data}.
+    """
+    return stream.encode("utf-8") + b"\x00" + first_key
+
+
+def split_block_key(key: bytes) -> tuple[str, bytes]:
+    """
+    Return C{(stream, first record key)} of a block key.
+    """
+    return bytes(key[:-KEY_SIZE - 1]).decode("utf-8"), bytes(key[-KEY_SIZE:])
+
+
+@attrs.frozen
+class BlockInfo:
+    """
+    A block's index entry.
+
+    @ivar key: the block key (see L{block_key}).
+    @ivar first_ns: arrival time of its first record.
+    @ivar last_ns: arrival time of its last record.
+    @ivar item_min_ns: earliest item timestamp, when items were indexed.
+    @ivar item_max_ns: latest item timestamp, when items were indexed.
+    @ivar crc32: CRC-32 of the compressed bytes in C{block_data}.
+    """
+
+    key: bytes
+    stream: str
+    first_key: bytes
+    last_key: bytes
+    first_ns: int
+    last_ns: int
+    records: int
+    items: int
+    item_min_ns: Optional[int]
+    item_max_ns: Optional[int]
+    raw_bytes: int
+    stored_bytes: int
+    level: int
+    crc32: int
+    created_ns: int
+
+    def to_value(self) -> bytes:
+        document = attrs.asdict(self)
+        del document["key"]
+        document["first_key"] = self.first_key.hex()
+        document["last_key"] = self.last_key.hex()
+        return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_value(cls, key: bytes, value: bytes) -> "BlockInfo":
+        document = json.loads(bytes(value))
+        document["first_key"] = bytes.fromhex(document["first_key"])
+        document["last_key"] = bytes.fromhex(document["last_key"])
+        return cls(key=bytes(key), **document)
+
+
+@attrs.frozen
+class Entry:
+    """
+    One record as a reader sees it.
+
+    @ivar header: the decoded header, or L{None} when it is corrupt.
+    @ivar stored_bytes: bytes the record takes: its value when hot, its
+        share of the block (by raw size) when packed.
+    @ivar block: the block key when packed.
+    @ivar error: why the record cannot be read, or L{None}.
+    """
+
+    key: bytes
+    header: Optional[RecordHeader]
+    stored_bytes: int
+    block: Optional[bytes] = None
+    error: Optional[str] = None
+    value: Optional[bytes] = attrs.field(default=None, repr=False)
+    body_bytes: Optional[bytes] = attrs.field(default=None, repr=False)
+
+
+class StoreView:
+    """
+    Read records hot and packed within read transactions of one thread.
+
+    Records older than the retention floor are invisible.  Corrupt records
+    and blocks are reported as entries with an C{error}, never raised from
+    iteration, so one flipped byte costs one record (or one block), not the
+    query.
+    """
+
+    BLOCK_CACHE = 4
+
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        dictionary_lookup: Optional[Callable[[int], Optional[bytes]]] = None,
+        handles: Optional[dict] = None,
+    ) -> None:
+        """
+        @param handles: database handles already opened by the writer;
+            others are opened here (with a write transaction when the
+            environment is writable, so pass them from a writer's thread).
+        """
+        self.env = env
+        self.codec = RecordCodec(dictionary_lookup=dictionary_lookup or DictionaryLookup(env))
+        self.handles = {}
+        for name in (RECORDS_DB, META_DB, BLOCKS_DB, BLOCK_DATA_DB, INDEX_DB, INDEX_REV_DB):
+            if handles and handles.get(name) is not None:
+                self.handles[name] = handles[name]
+                continue
+            try:
+                self.handles[name] = env.open_db(name, create=False)
+            except lmdb.Error:
+                self.handles[name] = None
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._blocks: "OrderedDict[bytes, object]" = OrderedDict()
+
+    def begin(self) -> lmdb.Transaction:
+        return self.env.begin(buffers=False)
+
+    def floor(self, txn: lmdb.Transaction) -> int:
+        return read_floor(txn, self.handles[META_DB])
+
+    def decode(self, entry: Entry) -> tuple[RecordHeader, bytes]:
+        """
+        Return the header and decoded, checksum-verified body of an entry.
+
+        @raise RecordError: the record or its block is corrupt.
+        """
+        if entry.error is not None:
+            raise RecordError(entry.error)
+        if entry.block is None:
+            return self.codec.decode(entry.value)
+        body = entry.body_bytes
+        header = entry.header
+        if len(body) != header.size or zlib.crc32(body) != header.crc32:
+            raise RecordError("stored body does not match its checksum")
+        return header, body
+
+    def hot_entry(self, key: bytes, value: bytes) -> Entry:
+        try:
+            header = self.codec.decode_header(value)
+        except RecordError as error:
+            return Entry(key, None, len(value), error=str(error), value=value)
+        return Entry(key, header, len(value), value=value)
+
+    def get(self, txn: lmdb.Transaction, key: bytes) -> Optional[Entry]:
+        """
+        Return the record with this key, hot or packed, or L{None}.
+        """
+        if int.from_bytes(key[:8], "big") < self.floor(txn):
+            return None
+        records = self.handles[RECORDS_DB]
+        if records is not None:
+            value = txn.get(key, db=records)
+            if value is not None:
+                return self.hot_entry(key, value)
+        for stream in self.streams(txn):
+            info = self.block_containing(txn, stream, key)
+            if info is None:
+                continue
+            # Blocks of different streams overlap in time, so the key may
+            # be in another stream's block.
+            for entry in self.block_entries(txn, info):
+                if entry.key == key:
+                    return entry
+        return None
+
+    def streams(self, txn: lmdb.Transaction) -> list[str]:
+        """
+        Return the streams that have blocks.
+        """
+        blocks = self.handles[BLOCKS_DB]
+        if blocks is None:
+            return []
+        found = []
+        cursor = txn.cursor(db=blocks)
+        positioned = cursor.first()
+        while positioned:
+            stream, _ = split_block_key(cursor.key())
+            found.append(stream)
+            positioned = cursor.set_range(stream.encode("utf-8") + b"\x01")
+        return found
+
+    def block_containing(self, txn: lmdb.Transaction, stream: str, key: bytes) -> Optional[BlockInfo]:
+        blocks = self.handles[BLOCKS_DB]
+        cursor = txn.cursor(db=blocks)
+        target = block_key(stream, key)
+        if cursor.set_range(target):
+            if cursor.key() == target:
+                return BlockInfo.from_value(cursor.key(), cursor.value())
+            if not cursor.prev():
+                return None
+        elif not cursor.last():
+            return None
+        found_stream, _ = split_block_key(cursor.key())
+        if found_stream != stream:
+            return None
+        info = BlockInfo.from_value(cursor.key(), cursor.value())
+        return info if info.first_key <= key <= info.last_key else None
+
+    def blocks(
+        self, txn: lmdb.Transaction, stream: str, from_ns: int = 0, to_ns: Optional[int] = None
+    ) -> Iterator[BlockInfo]:
+        """
+        Yield the blocks of C{stream} holding records that arrived in
+        C{[from_ns, to_ns)}, in time order.  Only index entries are read.
+        """
+        blocks = self.handles[BLOCKS_DB]
+        if blocks is None:
+            return
+        prefix = stream.encode("utf-8") + b"\x00"
+        cursor = txn.cursor(db=blocks)
+        start = block_key(stream, make_key(from_ns, 0))
+        if cursor.set_range(start):
+            # The block before may still hold records in range.
+            if cursor.prev() and not cursor.key().startswith(prefix):
+                cursor.next()
+        elif not cursor.last():
+            return
+        elif not cursor.key().startswith(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            info = BlockInfo.from_value(key, value)
+            if to_ns is not None and info.first_ns >= to_ns:
+                return
+            if info.last_ns < from_ns:
+                continue
+            yield info
+
+    def all_blocks(self, txn: lmdb.Transaction) -> Iterator[BlockInfo]:
+        blocks = self.handles[BLOCKS_DB]
+        if blocks is None:
+            return
+        for key, value in txn.cursor(db=blocks):
+            yield BlockInfo.from_value(key, value)
+
+    def read_block(self, txn: lmdb.Transaction, info: BlockInfo) -> list[tuple[bytes, bytes, bytes]]:
+        """
+        Return the C{(key, header bytes, body)} of a block, checked.
+
+        @raise RecordError: the block's bytes are missing or corrupt.
+        """
+        cached = self._blocks.get(info.key)
+        if cached is not None:
+            self._blocks.move_to_end(info.key)
+            return cached
+        data = txn.get(info.key, db=self.handles[BLOCK_DATA_DB])
+        if data is None:
+            raise RecordError("block data is missing")
+        if zlib.crc32(data) != info.crc32:
+            raise RecordError("block does not match its checksum")
+        try:
+            raw = self._decompressor.decompress(data, max_output_size=info.raw_bytes + (1 << 20))
+        except zstandard.ZstdError as error:
+            raise RecordError(f"block is corrupt: {error}") from None
+        entries = list(decode_block(raw))
+        self._blocks[info.key] = entries
+        if len(self._blocks) > self.BLOCK_CACHE:
+            self._blocks.popitem(last=False)
+        return entries
+
+    def block_entries(self, txn: lmdb.Transaction, info: BlockInfo, floor: int = 0) -> Iterator[Entry]:
+        """
+        Yield the entries of one block, or one entry with the error when
+        the block cannot be read.
+        """
+        try:
+            rows = self.read_block(txn, info)
+        except RecordError as error:
+            yield Entry(info.first_key, None, info.stored_bytes, block=info.key, error=f"block {info.stream}: {error}")
+            return
+        raw_total = max(info.raw_bytes, 1)
+        for key, head, body in rows:
+            if int.from_bytes(key[:8], "big") < floor:
+                continue
+            share = info.stored_bytes * (len(head) + len(body)) // raw_total
+            try:
+                header = parse_packed_header(head, key, body)
+            except RecordError as error:
+                yield Entry(key, None, share, block=info.key, error=str(error))
+                continue
+            yield Entry(key, header, share, block=info.key, body_bytes=body)
+
+    def scan(
+        self,
+        txn: lmdb.Transaction,
+        from_ns: int = 0,
+        to_ns: Optional[int] = None,
+        vendor: Optional[str] = None,
+        kind: Optional[str] = None,
+        after_key: Optional[bytes] = None,
+        hot: bool = True,
+        packed: bool = True,
+    ) -> Iterator[Entry]:
+        """
+        Yield the records that arrived in C{[from_ns, to_ns)}, hot and
+        packed merged in key order, with the vendor and kind filters
+        applied, starting after C{after_key} when given.
+
+        Corrupt hot records are yielded with their C{error} whatever the
+        filters, since their vendor and kind cannot be known.
+        """
+        floor = self.floor(txn)
+        start_ns = max(from_ns, floor)
+        start_key = make_key(start_ns, 0)
+        if after_key is not None and after_key >= start_key:
+            start_key = after_key
+        end_key = make_key(to_ns, 0) if to_ns is not None else None
+        sources = []
+        if hot and self.handles[RECORDS_DB] is not None:
+            sources.append(self._scan_hot(txn, start_key, end_key, vendor, kind, after_key))
+        if packed:
+            for stream in self.streams(txn):
+                stream_vendor, _, stream_kind = stream.partition("/")
+                if (vendor and stream_vendor != vendor) or (kind and stream_kind != kind):
+                    continue
+                sources.append(self._scan_blocks(txn, stream, start_ns, to_ns, start_key, end_key, after_key, floor))
+        if len(sources) == 1:
+            yield from sources[0]
+        else:
+            yield from heapq.merge(*sources, key=lambda entry: entry.key)
+
+    def _scan_hot(self, txn, start_key, end_key, vendor, kind, after_key) -> Iterator[Entry]:
+        cursor = txn.cursor(db=self.handles[RECORDS_DB])
+        if not cursor.set_range(start_key):
+            return
+        for key, value in cursor:
+            if end_key is not None and key >= end_key:
+                return
+            if after_key is not None and key <= after_key:
+                continue
+            entry = self.hot_entry(key, value)
+            header = entry.header
+            if header is not None and ((vendor and header.vendor != vendor) or (kind and header.kind != kind)):
+                continue
+            yield entry
+
+    def _scan_blocks(self, txn, stream, start_ns, to_ns, start_key, end_key, after_key, floor) -> Iterator[Entry]:
+        for info in self.blocks(txn, stream, start_ns, to_ns):
+            if info.last_key < start_key:
+                continue
+            for entry in self.block_entries(txn, info, floor):
+                if entry.error is not None and entry.header is None and entry.key == info.first_key:
+                    yield entry
+                    continue
+                if entry.key < start_key or (after_key is not None and entry.key <= after_key):
+                    continue
+                if end_key is not None and entry.key >= end_key:
+                    return
+                yield entry

@@ -36,6 +36,7 @@ class Options(usage.Options):
         ["tls-certificate", None, None, "PEM certificate chain for ssl: listeners (server.tls_certificate)."],
         ["tls-private-key", None, None, "PEM private key for ssl: listeners (server.tls_private_key)."],
         ["ca-bundle", None, None, "CA bundle for verifying upstream TLS (upstream.ca_bundle)."],
+        ["log-format", None, None, "Log format: text or json, one JSON object a line (log.format)."],
     ]
 
     def __init__(self) -> None:
@@ -76,6 +77,7 @@ class Options(usage.Options):
             "server.tls_certificate": self["tls-certificate"],
             "server.tls_private_key": self["tls-private-key"],
             "upstream.ca_bundle": self["ca-bundle"],
+            "log.format": self["log-format"],
             "server.listen": self["listen"] or None,
             "server.admin_listen": self["admin-listen"] or None,
         }
@@ -93,4 +95,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ReductraiSer
     except ConfigError as error:
         sys.stderr.write(f"reductrai: invalid configuration: {error}\n")
         raise SystemExit(2)
-    return ReductraiService(settings, reactor, exit_on_startup_error=True)
+    daemon = ReductraiService(settings, reactor, exit_on_startup_error=True)
+    if settings["log.format"] == "json":
+        from reductrai.logformat import use_on_application
+
+        use_on_application(daemon)
+    return daemon

@@ -78,8 +78,9 @@ async def test_bad_requests_rejected_earlier_records_intact(tmp_path):
         assert status == 400
         assert "gzip" in json.loads(body)["errors"][0]
 
-        status, _, body = await post(daemon, "/not/a/route", SERIES)
-        assert status == 404
+        status, _, body = await post(daemon, "/api/v1/series", b'{"series": "not a list"}')
+        assert status == 400
+        assert json.loads(body)["errors"]
 
         status, headers, body = await send_raw(daemon.http_port, "GET", "/api/v2/series", [("Host", "x")], b"")
         assert status == 405

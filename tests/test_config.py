@@ -38,7 +38,7 @@ def test_file_then_environment_then_command_line(tmp_path):
     )
     assert settings["proxy.forward_to"] == "https://cli.invalid"
     assert settings.origins["proxy.forward_to"] == "command line"
-    assert settings.effective_mode == "forward"
+    assert settings.effective_mode == "sample"
 
 
 def test_generic_environment_names():
@@ -61,7 +61,7 @@ def test_host_and_port_shortcuts():
 @pytest.mark.parametrize(
     "environ, message",
     [
-        ({"PROXY_MODE": "both"}, "proxy.mode: invalid value 'both' from environment variable PROXY_MODE; allowed: '', 'forward', 'store-only', 'forward-only'"),
+        ({"PROXY_MODE": "both"}, "proxy.mode: invalid value 'both' from environment variable PROXY_MODE; allowed: '', 'forward', 'sample', 'store-only', 'forward-only'"),
         ({"SAMPLE_RATE": "-0.1"}, "proxy.sample_rate: invalid value '-0.1' from environment variable SAMPLE_RATE; the minimum is 0"),
         ({"REDUCTRAI_PORT": "70000"}, "the maximum is 65535"),
         ({"DD_SITE": "datadoghq.org"}, "datadog.site: invalid value 'datadoghq.org'"),

@@ -77,6 +77,7 @@ async def test_corpus_replay_forwarded_over_tls(tmp_path):
     daemon = start_daemon(
         tmp_path / "data",
         proxy__forward_to=upstream.url.replace("127.0.0.1", "localhost"),
+        proxy__mode="forward",
         upstream__ca_bundle=str(certificates.ca_path),
     )
     try:
@@ -177,7 +178,7 @@ async def test_gzip_response_relayed_unchanged(tmp_path):
             202, [(b"Content-Type", b"application/json"), (b"Content-Encoding", b"gzip")], payload
         )
     )
-    daemon = start_daemon(tmp_path / "data", proxy__forward_to=upstream.url)
+    daemon = start_daemon(tmp_path / "data", proxy__forward_to=upstream.url, proxy__mode="forward")
     try:
         status, headers, body = await send_raw(
             daemon.http_port, "POST", "/api/v1/series?x=[1]|y",
@@ -242,7 +243,9 @@ async def test_admin_health_and_ready(tmp_path):
     """
     from tests.support import send_raw as send
 
-    daemon = start_daemon(tmp_path / "data")
+    tokens = tmp_path / "admin-tokens"
+    tokens.write_text("test-admin-token-0123456789\n")
+    daemon = start_daemon(tmp_path / "data", admin__tokens_file=str(tokens))
     try:
         status, _, body = await send(daemon.admin_port, "GET", "/health", [("Host", "x")], b"")
         health = json.loads(body)
@@ -255,7 +258,41 @@ async def test_admin_health_and_ready(tmp_path):
         assert status == 200
         assert json.loads(body)["ready"] is True
         status, _, body = await send(daemon.admin_port, "GET", "/metrics", [("Host", "x")], b"")
+        assert status == 401
+        status, _, body = await send(
+            daemon.admin_port, "GET", "/metrics",
+            [("Host", "x"), ("Authorization", "Bearer test-admin-token-0123456789")], b"",
+        )
         assert status == 200
         assert b"reductrai_requests_total" in body or b"# HELP reductrai_requests" in body
     finally:
         await daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_path_stored_and_forwarded(tmp_path):
+    """
+    A path no vendor claims is never rejected: it is stored as an opaque
+    record and forwarded to the one base URL when one is set.
+    """
+    upstream = Upstream(lambda received: Reply(201, [(b"Content-Type", b"text/plain")], b"made"))
+    daemon = start_daemon(tmp_path / "data", proxy__forward_to=upstream.url, proxy__mode="forward")
+    try:
+        status, _, body = await send_raw(
+            daemon.http_port, "PUT", "/custom/ingest?x=1", [("Host", "x"), ("Authorization", "Bearer t0ken")], b"payload"
+        )
+        assert (status, body) == (201, b"made")
+        assert upstream.received[0].uri == b"/custom/ingest?x=1"
+        assert upstream.received[0].header("authorization") == b"Bearer t0ken"
+        records = read_ndjson(await run_inspect(daemon.data_dir, "export"))
+        assert [(r["vendor"], r["kind"], r["path"]) for r in records] == [("unknown", "opaque", "/custom/ingest")]
+        assert records[0]["body"] == "payload"
+    finally:
+        await daemon.stop()
+        await upstream.stop()
+    store_only = start_daemon(tmp_path / "store-only")
+    try:
+        status, _, body = await send_raw(store_only.http_port, "POST", "/custom/ingest", [("Host", "x")], b"payload")
+        assert status == 200
+    finally:
+        await store_only.stop()

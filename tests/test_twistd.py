@@ -81,7 +81,7 @@ async def test_keys_never_stored_or_logged(tmp_path):
     process = twistd(
         "--data-dir", str(data_dir), "--listen", "tcp:0:interface=127.0.0.1",
         "--listen", "ssl:0:interface=127.0.0.1", "--admin-listen", "tcp:0:interface=127.0.0.1",
-        env={"FORWARD_TO": upstream.url},
+        env={"FORWARD_TO": upstream.url, "PROXY_MODE": "forward"},
     )
     try:
         (http_port, https_port, admin_port), lines = await threads.deferToThread(wait_for_ports, process, 3)
@@ -94,6 +94,7 @@ async def test_keys_never_stored_or_logged(tmp_path):
             ("/api/v2/series", [("DD-API-KEY", API_KEY), ("Content-Encoding", "compress")]),
             (f"/v1/input/{API_KEY}", [("Content-Encoding", "gzip")]),
             ("/nowhere", [("DD-API-KEY", API_KEY)]),
+            ("/api/v2/logs", [("DD-API-KEY", API_KEY), ("Content-Type", "text/plain")]),
         ]:
             await send_raw(
                 https_port, "POST", target,
@@ -103,7 +104,7 @@ async def test_keys_never_stored_or_logged(tmp_path):
         status, _, _ = await send_raw(http_port, "POST", f"/v1/input/{API_KEY}", [("Host", "x")], body)
         assert status == 502
         forwarded = [r for r in upstream.received if API_KEY.encode() in r.uri or r.header("dd-api-key")]
-        assert len(forwarded) == 3
+        assert len(forwarded) == 5
     finally:
         log = await threads.deferToThread(stop, process, lines)
     # twistd ends by re-raising the signal it stopped on.

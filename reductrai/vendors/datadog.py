@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from reductrai.vendors.base import (
     EVENTS,
@@ -34,6 +34,7 @@ from reductrai.vendors.base import (
     Vendor,
     fixed_success,
     json_answer,
+    media_type,
 )
 
 NAME = "datadog"
@@ -73,14 +74,14 @@ def site_url(upstream: str, site: str) -> str:
     return f"https://{HOST_PREFIXES[upstream]}.{site}"
 
 
-def error(status: int, reason: str) -> Answer:
+def error(status: int, reason: str, context=None) -> Answer:
     """
     Datadog's error body: C{{"errors": [reason]}}.
     """
     return json_answer(status, {"errors": [reason]})
 
 
-def _event_v1_success(body: bytes) -> Answer:
+def _event_v1_success(body: bytes, context=None) -> Answer:
     """
     Echo a v1 event the way the intake does, with a fresh event id.
     """
@@ -106,7 +107,7 @@ def _event_v1_success(body: bytes) -> Answer:
     return json_answer(202, {"status": "ok", "event": echo})
 
 
-def _event_v2_success(body: bytes) -> Answer:
+def _event_v2_success(body: bytes, context=None) -> Answer:
     event_id = "AZ" + secrets.token_hex(10)
     return json_answer(
         202,
@@ -122,7 +123,31 @@ _EMPTY_202 = fixed_success(202, {})
 _GET_POST = frozenset({b"GET", b"POST"})
 
 
-def _route(name: str, kind: str, path: str, success, **kwargs) -> Route:
+def _json_or_agent(shape: Optional[str]) -> Callable:
+    """
+    Return the parser of a route: the Agent's protobuf or msgpack payload
+    when the content type says so (or the route has no JSON form), the
+    client libraries' JSON otherwise.
+    """
+    from reductrai.formats import datadog as json_formats
+    from reductrai.formats import datadog_agent
+
+    json_parser = json_formats.PARSERS.get(shape) if shape else None
+
+    def parse(body: bytes, context) -> object:
+        if json_parser is None or media_type(context.content_type) in _BINARY_TYPES:
+            return datadog_agent.parse(body, context)
+        return json_parser(body, context)
+
+    return parse
+
+
+_BINARY_TYPES = frozenset({"application/x-protobuf", "application/msgpack", "application/x-msgpack"})
+
+
+def _route(name: str, kind: str, path: str, success, parser: Optional[str] = None, agent: bool = False, **kwargs) -> Route:
+    if parser is not None or agent:
+        kwargs["parser"] = _json_or_agent(parser)
     return Route(vendor=NAME, name=name, kind=kind, path=path, success=success, **kwargs)
 
 
@@ -130,7 +155,7 @@ ROUTES = (
     _route("series_v1", METRICS, "/api/v1/series", _OK_V1, parser="series_v1"),
     _route("series_v2", METRICS, "/api/v2/series", fixed_success(202, {"errors": []}), parser="series_v2"),
     _route("distribution_points", METRICS, "/api/v1/distribution_points", _OK_V1, parser="distribution_points"),
-    _route("sketches", METRICS, "/api/beta/sketches", _EMPTY_202, parser="sketches"),
+    _route("sketches", METRICS, "/api/beta/sketches", _EMPTY_202, agent=True),
     _route("check_run", SERVICE_CHECKS, "/api/v1/check_run", _OK_V1, parser="check_run"),
     _route("events_v1", EVENTS, "/api/v1/events", _event_v1_success, parser="events_v1"),
     _route("events_v2", EVENTS, "/api/v2/events", _event_v2_success, upstream="event_intake", parser="events_v2"),
@@ -140,7 +165,7 @@ ROUTES = (
         "logs_v1_key", LOGS, "/v1/input/", fixed_success(200, {}),
         upstream="logs", prefix=True, credential_in_path=True, parser="logs_v1",
     ),
-    _route("traces", TRACES, "/api/v0.2/traces", _EMPTY_202, upstream="trace", parser="traces"),
+    _route("traces", TRACES, "/api/v0.2/traces", _EMPTY_202, upstream="trace", agent=True),
     _route("trace_stats", TRACES, "/api/v0.2/stats", _EMPTY_202, upstream="trace"),
     _route("intake", METADATA, "/intake/", _EMPTY_202, prefix=True),
     _route("validate", METADATA, "/api/v1/validate", fixed_success(200, {"valid": True}), methods=_GET_POST),

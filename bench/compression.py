@@ -1,0 +1,224 @@
+"""
+Compression benchmark: stored bytes against raw bytes, per dataset.
+
+Run: /work/venv/bin/python bench/compression.py [--replays N] > bench/compression_results.md
+
+Datasets: each corpus folder replayed N times (default 40), and each loghub
+file wrapped as Datadog logs JSON batches (50 lines a request).  Replays
+vary timestamps, values and ids so that no request repeats byte for byte:
+JSON bodies get every number of 10-19 digits shifted by the replay's time
+offset (timestamps), every other number replaced by a random one of the
+same length (values), and every 16- or 32-digit hex string replaced by
+random hex (ids); protobuf bodies (OTLP, Prometheus) are decoded, their
+time fields shifted, doubles scaled by a random factor and trace and span
+ids replaced, and encoded again.  Loghub lines are real and distinct and
+are not replayed.
+
+Columns, all "raw / stored" over decoded bodies:
+  gzip-6 and zstd-3 per request, reductrai hot (per-record zstd with the
+  stream's trained dictionary, record values including headers),
+  reductrai packed (blocks at zstd 19 through the compactor's code,
+  including headers and block index entries), whole-stream zstd -19 of the
+  concatenated bodies (the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import re
+import sys
+import zlib
+from pathlib import Path
+
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reductrai.compactor import compress_block  # noqa: E402
+from reductrai.dictionaries import DictionaryOptions, train  # noqa: E402
+from reductrai.encoding import decode_body  # noqa: E402
+from reductrai.record import RecordCodec, RecordHeader, packed_header_bytes  # noqa: E402
+from reductrai.store import BlockInfo  # noqa: E402
+from tests import corpus  # noqa: E402
+
+LOGHUB = Path(__file__).resolve().parent.parent.parent / "shared" / "loghub"
+_NUMBER = re.compile(rb"(?<![0-9A-Za-z_.])[0-9]+(?![0-9A-Za-z_])")
+_HEX = re.compile(rb"\b[0-9a-f]{32}\b|\b[0-9a-f]{16}\b")
+
+
+def vary_json(body: bytes, replay: int, rng: random.Random) -> bytes:
+    def number(match):
+        text = match.group(0)
+        if 10 <= len(text) <= 19:
+            scale = 10 ** (len(text) - 10)
+            return str(int(text) + replay * 10 * scale).encode()
+        if len(text) <= 1:
+            return text
+        return str(rng.randrange(10 ** (len(text) - 1), 10 ** len(text))).encode()
+
+    body = _HEX.sub(lambda m: "".join(rng.choice("0123456789abcdef") for _ in m.group(0)).encode(), body)
+    return _NUMBER.sub(number, body)
+
+
+def vary_message(message, replay: int, rng: random.Random) -> None:
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == F.LABEL_REPEATED
+        if field.type == F.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                continue
+            for child in (value if repeated else [value]):
+                vary_message(child, replay, rng)
+        elif field.type == F.TYPE_DOUBLE and not repeated:
+            setattr(message, field.name, value * rng.uniform(0.5, 1.5))
+        elif field.type in (F.TYPE_FIXED64, F.TYPE_INT64, F.TYPE_UINT64) and "time" in field.name.lower() and not repeated:
+            setattr(message, field.name, value + replay * 10_000_000_000 + rng.randrange(1000))
+        elif field.type == F.TYPE_BYTES and field.name in ("trace_id", "span_id", "parent_span_id") and not repeated:
+            setattr(message, field.name, rng.randbytes(len(value)) if value else value)
+
+
+def vary_protobuf(folder: str, path: str, body: bytes, replay: int, rng: random.Random) -> bytes:
+    if folder.startswith("prometheus"):
+        from reductrai.proto import prometheus_remote_pb2
+
+        message = prometheus_remote_pb2.WriteRequest()
+        message.ParseFromString(body)
+        for series in message.timeseries:
+            for sample in series.samples:
+                sample.value *= rng.uniform(0.5, 1.5)
+                sample.timestamp += replay * 10_000
+        return message.SerializeToString()
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    cls = {"traces": trace_service_pb2.ExportTraceServiceRequest, "metrics": metrics_service_pb2.ExportMetricsServiceRequest,
+           "logs": logs_service_pb2.ExportLogsServiceRequest}[path.rstrip("/").rsplit("/", 1)[-1]]
+    message = cls()
+    message.ParseFromString(body)
+    vary_message(message, replay, rng)
+    return message.SerializeToString()
+
+
+def header_for(vendor: str, kind: str, path: str, content_type, size: int, time_ns: int) -> RecordHeader:
+    return RecordHeader(
+        received_ns=time_ns, vendor=vendor, kind=kind, route=kind, method="POST", path=path, query="",
+        content_type=content_type, content_encoding=None, wire_size=size, size=size, crc32=0,
+        headers=[["user-agent", "bench/1.0"]],
+    )
+
+
+def corpus_dataset(folder: str, replays: int) -> list[tuple[RecordHeader, bytes]]:
+    rng = random.Random(folder)
+    requests = corpus.load(folder)
+    records = []
+    now = 1_796_000_000 * 10**9
+    for replay in range(replays):
+        for captured in requests:
+            body = decode_body(captured.body, captured.header("content-encoding"), 1 << 27)
+            content_type = captured.header("content-type") or ""
+            if "protobuf" in content_type:
+                body = vary_protobuf(folder, captured.path, body, replay, rng)
+            else:
+                body = vary_json(body, replay, rng)
+            now += rng.randrange(10**7, 10**9)
+            header = header_for(folder, captured.path.strip("/").replace("/", "_"), captured.path, content_type,
+                                len(body), now)
+            records.append((header, body))
+    return records
+
+
+def loghub_dataset(path: Path) -> list[tuple[RecordHeader, bytes]]:
+    lines = path.read_text(errors="replace").splitlines()
+    service = path.stem.split("_")[0].lower()
+    records = []
+    now = 1_796_000_000 * 10**9
+    for start in range(0, len(lines), 50):
+        batch = [
+            {"message": line, "ddsource": service, "service": service, "hostname": f"{service}-node-{(start // 50) % 4}",
+             "ddtags": f"env:prod,team:{service}", "timestamp": now // 10**6 + i}
+            for i, line in enumerate(lines[start : start + 50])
+        ]
+        body = json.dumps(batch, separators=(",", ":")).encode()
+        now += 10**9
+        records.append((header_for("datadog", "logs", "/api/v2/logs", "application/json", len(body), now), body))
+    return records
+
+
+def measure(records: list[tuple[RecordHeader, bytes]]) -> dict:
+    bodies = [body for _, body in records]
+    raw = sum(len(b) for b in bodies)
+    gz = sum(len(gzip.compress(b, 6)) for b in bodies)
+    z3 = zstandard.ZstdCompressor(level=3)
+    zs = sum(len(z3.compress(b)) for b in bodies)
+    whole = len(zstandard.ZstdCompressor(level=19).compress(b"".join(bodies)))
+    # Hot: the first DictionaryOptions.first_records records plain, then
+    # the dictionary trained on them, retrained as the store would.
+    options = DictionaryOptions()
+    codec = RecordCodec(3)
+    hot = 0
+    compressor = None
+    samples = []
+    since = 0
+    for header, body in records:
+        header = RecordHeader(**{**header.to_json(), "dictionary": 1 if compressor else None})
+        hot += 12 + len(codec.encode(header, body, compressor))
+        samples.append(body[: options.max_sample_size])
+        since += 1
+        due = since >= (options.first_records if compressor is None else options.retrain_records)
+        if due:
+            try:
+                data = train(samples[-options.sample_records :], options.size)
+                compressor = zstandard.ZstdCompressor(level=options.level, dict_data=zstandard.ZstdCompressionDict(data),
+                                                     write_checksum=True, write_content_size=True)
+                hot += len(data) + 40
+            except zstandard.ZstdError:
+                pass
+            since = 0
+    # Packed: blocks of at most 4 MiB raw, as the compactor cuts them.
+    packed = 0
+    block, block_raw = [], 0
+    blocks = []
+    for index, (header, body) in enumerate(records):
+        head = packed_header_bytes(header)
+        block.append((index.to_bytes(12, "big"), head, body))
+        block_raw += len(head) + len(body)
+        if block_raw >= 4 * 1024 * 1024:
+            blocks.append(block)
+            block, block_raw = [], 0
+    if block:
+        blocks.append(block)
+    for entries in blocks:
+        data = compress_block(entries, 19)
+        info = BlockInfo(b"k" * 30, "s", entries[0][0], entries[-1][0], 0, 0, len(entries), 0, None, None,
+                         sum(len(h) + len(b) for _, h, b in entries), len(data), 19, zlib.crc32(data), 0)
+        packed += len(data) + len(info.to_value()) + 60
+    return {"requests": len(records), "raw": raw, "gzip6": gz, "zstd3": zs, "hot": hot, "packed": packed, "whole19": whole}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replays", type=int, default=40)
+    args = parser.parse_args()
+    datasets = [(f"corpus/{f} x{args.replays}", lambda f=f: corpus_dataset(f, args.replays)) for f in corpus.folders()]
+    datasets += [(f"loghub/{p.name} (Datadog logs, 50 lines a request)", lambda p=p: loghub_dataset(p))
+                 for p in sorted(LOGHUB.glob("*.log"))]
+    print("| dataset | requests | raw bytes | gzip-6 per request | zstd-3 per request | reductrai hot | reductrai packed | whole-stream zstd -19 | packed / whole |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, build in datasets:
+        m = measure(build())
+
+        def cell(stored):
+            return f"{stored} ({m['raw'] / stored:.1f}x)"
+
+        share = (m["raw"] / m["packed"]) / (m["raw"] / m["whole19"])
+        print(f"| {name} | {m['requests']} | {m['raw']} | {cell(m['gzip6'])} | {cell(m['zstd3'])} | {cell(m['hot'])} | "
+              f"{cell(m['packed'])} | {cell(m['whole19'])} | {share:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
