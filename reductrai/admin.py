@@ -62,6 +62,8 @@ class HealthResource(Resource):
             "mode": service.mode,
             "store": store_status,
             "upstreams": upstreams,
+            "spool": service.spool.status() if getattr(service, "spool", None) is not None else None,
+            "retention": service.retention.status() if getattr(service, "retention", None) is not None else None,
         }
         return _json(request, 200, document)
 

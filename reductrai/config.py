@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 
+from reductrai.fields import Field
 from reductrai.secrets import Secret
 
 MODES = ("forward", "sample", "store-only", "forward-only")
@@ -56,32 +57,6 @@ class ConfigError(ValueError):
     """
     A setting has an invalid value, or the configuration file is unreadable.
     """
-
-
-@attrs.frozen
-class Field:
-    """
-    One setting: where it lives, its type and default, and how it is checked.
-    """
-
-    section: str
-    name: str
-    kind: str  # "str", "int", "float", "bool", "list", "secret"
-    default: Any
-    help: str
-    env: tuple[str, ...] = ()
-    choices: tuple[str, ...] = ()
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.section}.{self.name}"
-
-    @property
-    def env_names(self) -> tuple[str, ...]:
-        generic = f"REDUCTRAI_{self.section}_{self.name}".upper()
-        return self.env + (generic,)
 
 
 _MiB = 1024 * 1024
@@ -275,9 +250,10 @@ FIELDS: tuple[Field, ...] = (
           env=("REDUCTRAI_LOG_FORMAT",), choices=("text", "json")),
 )  # end of FIELDS
 
-from reductrai.sampling.settings import SAMPLING_FIELDS  # noqa: E402  (needs Field above)
+from reductrai.sampling.settings import SAMPLING_FIELDS  # noqa: E402
+from reductrai.spool.options import SPOOL_FIELDS  # noqa: E402
 
-FIELDS = FIELDS + tuple(SAMPLING_FIELDS)
+FIELDS = FIELDS + tuple(SAMPLING_FIELDS) + tuple(SPOOL_FIELDS)
 
 FIELDS_BY_KEY = {field.key: field for field in FIELDS}
 

@@ -568,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "spool" and getattr(args, "spool_handler", None) is not None:
+        return args.spool_handler(args.data_dir, args)
     handler = getattr(args, "handler", None) or getattr(args, "func", None)
     if handler is None and args.command == "spool":
         from reductrai import inspect_spool

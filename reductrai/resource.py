@@ -22,6 +22,7 @@ every mode but C{forward-only}.
 
 from __future__ import annotations
 
+import time
 from typing import Mapping, Optional
 from urllib.parse import parse_qs
 
@@ -54,6 +55,11 @@ class IngestResource(Resource):
         L{None}.
     @ivar index_items: parse payloads in forward mode too, so that stored
         records carry their items for the query API.
+    @ivar spool: the L{reductrai.spool.Spool} that delivers forwarded
+        requests the upstream did not accept, or L{None}.
+    @ivar spool_on_failure: C{"spool"} answers the vendor's success when
+        the spool holds the request; C{"relay"} passes the upstream's
+        failure to the client (the spool still retries).
     """
 
     isLeaf = True
@@ -70,6 +76,8 @@ class IngestResource(Resource):
         sampling=None,
         sampling_counters=None,
         index_items: bool = True,
+        spool=None,
+        spool_on_failure: str = "spool",
     ) -> None:
         super().__init__()
         self.router = router
@@ -81,6 +89,8 @@ class IngestResource(Resource):
         self.sampling = sampling
         self.sampling_counters = sampling_counters
         self.index_items = index_items
+        self.spool = spool
+        self.spool_on_failure = spool_on_failure
         self.max_decoded_bytes = int(settings["limits.max_decoded_bytes"])
         self._errors = RateLimitedLog(self.log)
 
@@ -157,37 +167,55 @@ class IngestResource(Resource):
                 if answering_for_vendor:
                     return self._reject(request, match, vendor.error(400, "invalid payload", context), "invalid_payload")
 
-        stored = self.store.append(
-            self._header_fields(request, match, encoding, len(body)),
-            decoded,
-            items=parsed.items if parsed is not None else None,
-        )
-
+        fields = self._header_fields(request, match, encoding, len(body))
+        items = parsed.items if parsed is not None else None
         if base_url is None:
+            stored = self.store.append(fields, decoded, items=items)
             stored.addCallbacks(
                 lambda key: self._answer_success(request, match, context),
                 lambda failure: self._store_failed(request, match, failure),
             )
             return NOT_DONE_YET
 
-        forward_body = body
+        forward_body: Optional[bytes] = body
         thinned = False
         if self.mode == "sample" and self.sampling is not None:
             decision = self.sampling.decide(vendor.name, route.kind, parsed)
             forward_body, thinned = self._sample(match, context, body, decoded, encoding, parsed, decision)
-            if forward_body is None:
-                stored.addCallbacks(
-                    lambda key: self._answer_success(request, match, context),
-                    lambda failure: self._store_failed(request, match, failure),
-                )
-                return NOT_DONE_YET
+        if forward_body is None:
+            stored = self.store.append(fields, decoded, items=items)
+            stored.addCallbacks(
+                lambda key: self._answer_success(request, match, context),
+                lambda failure: self._store_failed(request, match, failure),
+            )
+            return NOT_DONE_YET
 
-        forwarded = self._forward(request, match, base_url, forward_body)
+        headers = self._forward_headers(request, match)
+        entry_id = None
+        extra = None
+        if self.spool is not None:
+            if self.spool.is_full():
+                answer = vendor.error(503, "the delivery spool is full; retry later", context)
+                answer = Answer(answer.status, answer.body, answer.content_type, {**answer.headers, b"retry-after": b"30"})
+                return self._reject(request, match, answer, "spool_full")
+            display = fields["path"] + ("?" + fields["query"] if fields["query"] else "")
+            entry_id, extra = self.spool.entry_ops(base_url, request.method, request.uri, headers, forward_body, display)
+        stored = self.store.append(fields, decoded, items=items, extra=extra)
+        if entry_id is not None:
+            stored.addErrback(self._abandon_entry, entry_id)
+
+        forwarded = self._forward(request, match, base_url, forward_body, headers)
         results = defer.DeferredList([forwarded, stored], consumeErrors=True)
         results.addCallback(
-            lambda outcomes: self._relay(request, match, outcomes[0], outcomes[1], context if thinned else None)
+            lambda outcomes: self._relay(
+                request, match, outcomes[0], outcomes[1], context if thinned else None, entry_id, context,
+            )
         )
         return NOT_DONE_YET
+
+    def _abandon_entry(self, failure: Failure, entry_id: bytes) -> Failure:
+        self.spool.abandon(entry_id)
+        return failure
 
     def _answer_context(self, request, match: Match, path: str, content_type: Optional[str]) -> AnswerContext:
         headers = {
@@ -252,7 +280,11 @@ class IngestResource(Resource):
             )
         return forward_body, thinned
 
-    def _forward(self, request, match: Match, base_url: str, body: bytes):
+    def _forward_headers(self, request, match: Match):
+        """
+        Return the request headers to forward: the client's, plus the
+        configured API key of the vendor when the request carries none.
+        """
         vendor = match.vendor
         headers = request.requestHeaders
         if vendor.key_setting and vendor.key_header:
@@ -260,6 +292,11 @@ class IngestResource(Resource):
             if key is not None and not self._has_credential(request, match):
                 headers = headers.copy()
                 headers.setRawHeaders(vendor.key_header, [key.reveal().encode("utf-8")])
+        return headers
+
+    def _forward(self, request, match: Match, base_url: str, body: bytes, headers=None):
+        if headers is None:
+            headers = self._forward_headers(request, match)
         display = storable_path(request.path.decode("latin-1"), match.route.path, match.route.credential_in_path)
         method = request.method
         payload = body if body or method not in (b"GET", b"HEAD") else None
@@ -294,12 +331,20 @@ class IngestResource(Resource):
 
     # -- answers -----------------------------------------------------------
 
-    def _relay(self, request, match: Match, forwarded, stored, own_answer_context=None) -> None:
+    def _relay(
+        self, request, match: Match, forwarded, stored, own_answer_context=None, entry_id=None, context=None,
+    ) -> None:
         """
-        Answer with the upstream's response (or, for a thinned request that
-        the upstream accepted, with the vendor's answer to the full
-        request), after the record is committed.
+        Answer once the record is committed and the upstream has answered.
+
+        The client gets the upstream's response, with three exceptions.  A
+        thinned request that the upstream accepted gets the vendor's answer
+        to the full request.  A request the spool now holds (upstream
+        unreachable, 408, 429 or 5xx, committed locally) gets the vendor's
+        success answer with C{X-Reductrai-Queued: true}, when
+        C{spool.on_upstream_failure} is C{spool}.
         """
+        stored_ok = True
         if stored is not None:
             stored_ok, stored_result = stored
             if stored_ok:
@@ -311,22 +356,55 @@ class IngestResource(Resource):
         else:
             forwarded_ok, outcome = not isinstance(forwarded, Failure), forwarded
         label = f"{match.vendor.name}.{match.route.upstream}"
+
+        status: Optional[int] = None
+        retry_after = None
+        if forwarded_ok:
+            status = outcome.status
+            retry_after = _retry_after(outcome.headers)
+        if entry_id is not None and stored_ok:
+            self.spool.settle(entry_id, status, retry_after)
+        queued = (
+            entry_id is not None
+            and stored_ok
+            and self.spool_on_failure == "spool"
+            and (status is None or status in (408, 429) or status >= 500)
+        )
+
         if not forwarded_ok:
             if outcome.check(UpstreamError):
-                error = outcome.value
                 self.metrics.upstream_requests.labels(label, "error").inc()
-                answer = match.vendor.error(error.status, error.reason)
+                if queued:
+                    return self._answer_queued(request, match, context)
+                answer = match.vendor.error(outcome.value.status, outcome.value.reason)
                 return self._reject(request, match, answer, "upstream_unavailable")
             self.log.failure("Forwarding failed unexpectedly", outcome)
+            if queued:
+                return self._answer_queued(request, match, context)
             return self._reject(request, match, match.vendor.error(502, "forwarding failed"), "forward_error")
         response: UpstreamResponse = outcome
         self.metrics.upstream_requests.labels(label, f"{response.status // 100}xx").inc()
         latency = getattr(self.forwarder, "last_latency", None)
         if latency is not None:
             self.metrics.upstream_latency.labels(label).observe(latency)
+        if queued:
+            return self._answer_queued(request, match, context)
         if own_answer_context is not None and 200 <= response.status < 300:
             return self._write_answer(request, match, match.route.success(own_answer_context.body, own_answer_context))
         self._write_response(request, match, response)
+
+    def _answer_queued(self, request, match: Match, context) -> None:
+        """
+        Answer the vendor's success for a request the spool will deliver.
+        """
+        self.metrics.rejected.labels("queued_for_retry").inc()
+        try:
+            answer = match.route.success(context.body, context)
+        except Exception:
+            self.log.failure("Building the {vendor} answer failed", vendor=match.vendor.name)
+            answer = Answer(202, b"{}")
+        headers = {**answer.headers, b"x-reductrai-queued": b"true"}
+        self._write_answer(request, match, Answer(answer.status, answer.body, answer.content_type, headers))
 
     def _write_response(self, request, match: Match, response: UpstreamResponse) -> None:
         if request._disconnected or request.finished:
@@ -407,6 +485,15 @@ class IngestResource(Resource):
             )
         else:
             self.log.failure("Storing a request failed unexpectedly", failure)
+
+
+def _retry_after(headers) -> Optional[float]:
+    from reductrai.spool import parse_retry_after
+
+    values = headers.getRawHeaders(b"retry-after")
+    if not values:
+        return None
+    return parse_retry_after(values[0].decode("latin-1"), time.time())
 
 
 def _reason_text(answer: Answer) -> str:

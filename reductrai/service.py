@@ -99,6 +99,7 @@ class ReductraiService(service.MultiService):
         self.compactor = None
         self.retention = None
         self.spool = None
+        self.ingest_resource = None
         self.ports: list = []
         self.admin_ports: list = []
         self.started_at = time.monotonic()
@@ -176,7 +177,9 @@ class ReductraiService(service.MultiService):
             default_router(), settings, self.mode, self.store, self.forwarder, self.metrics,
             sampling=self.sampling, sampling_counters=self.sampling_counters,
             index_items=settings["storage.index_items"],
+            spool_on_failure=settings["spool.on_upstream_failure"],
         )
+        self.ingest_resource = resource
         try:
             for key, url in plain_http_upstreams(settings):
                 self.log.warn("{key} is plain HTTP ({url}): forwarded traffic and API keys are not encrypted", key=key, url=url)
@@ -256,12 +259,15 @@ class ReductraiService(service.MultiService):
 
     def _start_store_services(self) -> None:
         """
-        Start the compactor and the retention passes of the open store.
+        Start the delivery spool (when forwarding), the compactor and the
+        retention passes of the open store.
         """
         from reductrai.compactor import Compactor, CompactorOptions
         from reductrai.retention import Retention, RetentionOptions
 
         settings = self.settings
+        if self.forwarder is not None:
+            self._start_spool()
         self.compactor = Compactor(
             self.store, self.reactor,
             CompactorOptions(min_age=settings["storage.compact_after"], level=settings["storage.block_level"]),
@@ -274,6 +280,24 @@ class ReductraiService(service.MultiService):
         self.compactor.start()
         self.retention.start()
 
+    def _start_spool(self) -> None:
+        from reductrai.keybox import KeyBox, KeyBoxError
+        from reductrai.spool import Spool, SpoolOptions
+
+        settings = self.settings
+        try:
+            keybox = KeyBox.load(self._data_dir, settings["spool.key"])
+        except KeyBoxError as error:
+            self._abort(StartupError(f"spool.key: {error}"))
+            return
+        self.spool = Spool(
+            self.store, self.forwarder, self.reactor,
+            SpoolOptions.from_settings(settings, upstream_timeout=settings["upstream.timeout"]), keybox,
+        )
+        self.metrics.registry.register(self.spool.metrics_collector())
+        self.ingest_resource.spool = self.spool
+        self.spool.start()
+
     def stopService(self):
         """
         Stop accepting connections, let in-flight requests finish, then
@@ -285,7 +309,7 @@ class ReductraiService(service.MultiService):
             self.reloader.uninstall()
         closing = [defer.maybeDeferred(port.stopListening) for port in self.ports + self.admin_ports]
         d = defer.DeferredList(closing)
-        for worker in (self.compactor, self.retention):
+        for worker in (self.spool, self.compactor, self.retention):
             if worker is not None:
                 d.addCallback(lambda _, worker=worker: worker.stop())
         if self.forwarder is not None:

@@ -201,12 +201,15 @@ async def test_gzip_response_relayed_unchanged(tmp_path):
 async def test_upstream_unreachable_answers_502(tmp_path):
     """
     An upstream that refuses connections gives the client a 502 with a JSON
-    reason, and the request is still stored.
+    reason in relay mode and Datadog's success, marked queued, in the
+    default spool mode; the request is stored and spooled either way.
     """
     upstream = Upstream()
     url = upstream.url
     await upstream.stop()
-    daemon = start_daemon(tmp_path / "data", proxy__forward_to=url, upstream__connect_timeout=2)
+    daemon = start_daemon(
+        tmp_path / "data", proxy__forward_to=url, upstream__connect_timeout=2, spool__on_upstream_failure="relay",
+    )
     try:
         status, _, body = await send_raw(
             daemon.http_port, "POST", "/api/v2/series", [("Content-Type", "application/json")], b'{"series":[]}'
@@ -214,8 +217,19 @@ async def test_upstream_unreachable_answers_502(tmp_path):
         assert status == 502
         assert "refused" in json.loads(body)["errors"][0]
         assert daemon.service.store.status()["records"] == 1
+        assert daemon.service.spool.status()["depth"] == 1
     finally:
         await daemon.stop()
+    queued = start_daemon(tmp_path / "queued", proxy__forward_to=url, upstream__connect_timeout=2)
+    try:
+        status, headers, body = await send_raw(
+            queued.http_port, "POST", "/api/v2/series", [("Content-Type", "application/json")], b'{"series":[]}'
+        )
+        assert status == 202
+        assert json.loads(body) == {"errors": []}
+        assert dict((k.lower(), v) for k, v in headers)["x-reductrai-queued"] == "true"
+    finally:
+        await queued.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -224,7 +238,9 @@ async def test_upstream_timeout_answers_504(tmp_path):
     An upstream slower than the exchange timeout gives the client a 504.
     """
     upstream = Upstream(lambda received: Reply(delay=3.0))
-    daemon = start_daemon(tmp_path / "data", proxy__forward_to=upstream.url, upstream__timeout=0.5)
+    daemon = start_daemon(
+        tmp_path / "data", proxy__forward_to=upstream.url, upstream__timeout=0.5, spool__on_upstream_failure="relay",
+    )
     try:
         status, _, body = await send_raw(
             daemon.http_port, "POST", "/api/v2/series", [("Content-Type", "application/json")], b'{"series":[]}'

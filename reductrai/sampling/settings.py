@@ -15,7 +15,7 @@ vendor rate, which wins over the kind's rate.
 
 from __future__ import annotations
 
-from reductrai.config import Field
+from reductrai.fields import Field
 
 #: Log levels forwarded whatever the rate, as parsers spell them
 #: (lower-cased): OTLP and Loki say C{warn}/C{error}/C{fatal}, Datadog
