@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
+from hyperlink import EncodedURL
 from zope.interface import implementer
 
 from reductrai import __version__
@@ -117,6 +118,37 @@ def _was_cancelled(failure) -> bool:
     """
     reasons = getattr(failure.value, "reasons", None) or []
     return any(reason.check(defer.CancelledError) for reason in reasons)
+
+
+class _ResolvedURL(EncodedURL):
+    """
+    A URL whose URI form is computed once.
+
+    treq turns the URL of every request into its URI text through
+    hyperlink, IDNA encoding included; the forwarder sends every request of
+    an upstream to the same base URL (the real target travels in
+    C{_RAW_URI}), so the text is cached per base URL.
+    """
+
+    def to_uri(self) -> "_ResolvedURL":
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        cached = self.__dict__.get("_cached_text")
+        if cached is None:
+            cached = self.__dict__["_cached_text"] = EncodedURL.to_text(self, with_password)
+        return cached
+
+
+def resolved_url(base_url: str) -> _ResolvedURL:
+    """
+    Parse a base URL once into a L{_ResolvedURL} for its path C{/}.
+    """
+    parsed = EncodedURL.from_text(base_url + "/").to_uri()
+    return _ResolvedURL(
+        scheme=parsed.scheme, host=parsed.host, port=parsed.port, path=parsed.path, query=parsed.query,
+        rooted=parsed.rooted, userinfo=parsed.userinfo,
+    )
 
 
 class _NoCookies(CookieJar):
@@ -201,6 +233,10 @@ class Forwarder:
         self._semaphore = defer.DeferredSemaphore(max_in_flight)
         self.timeout = timeout
         self.upstreams: dict[str, UpstreamState] = {}
+        self._urls: dict[str, _ResolvedURL] = {}
+        # Passing an (always empty) jar per request spares treq building a
+        # new one from a dict on every call.
+        self._no_cookies = _NoCookies()
 
     def state_of(self, base_url: str) -> UpstreamState:
         state = self.upstreams.get(base_url)
@@ -241,10 +277,14 @@ class Forwarder:
         state = self.state_of(base_url)
         state.requests += 1
         started = time.monotonic()
+        url = self._urls.get(base_url)
+        if url is None:
+            url = self._urls[base_url] = resolved_url(base_url)
         d = self._client.request(
             method.decode("ascii"),
-            base_url + "/",
+            url,
             headers=outgoing,
+            cookies=self._no_cookies,
             data=body,
             allow_redirects=False,
             timeout=self.timeout,

@@ -312,3 +312,27 @@ async def test_unknown_path_stored_and_forwarded(tmp_path):
         assert status == 200
     finally:
         await store_only.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_cookies_not_shared(tmp_path):
+    """
+    A cookie an upstream sets is relayed to that client but never sent
+    upstream with another client's request.
+    """
+    upstream = Upstream(
+        lambda received: Reply(202, [(b"Content-Type", b"application/json"), (b"Set-Cookie", b"session=abc; Path=/")], b"{}")
+    )
+    daemon = start_daemon(tmp_path / "data", proxy__forward_to=upstream.url, proxy__mode="forward")
+    try:
+        for _ in range(2):
+            status, headers, _ = await send_raw(
+                daemon.http_port, "POST", "/api/v2/series", [("Host", "x"), ("Content-Type", "application/json")],
+                b'{"series":[]}',
+            )
+            assert status == 202
+            assert dict((k.lower(), v) for k, v in headers)["set-cookie"] == "session=abc; Path=/"
+        assert [r.header("cookie") for r in upstream.received] == [None, None]
+    finally:
+        await daemon.stop()
+        await upstream.stop()
