@@ -41,6 +41,7 @@ UPSTREAM_KEYS = (
     "proxy.forward_to",
     "datadog.endpoint",
     "datadog.site",
+    "datadog.agent_endpoint",
     "newrelic.region",
     "newrelic.endpoint",
     "otlp.endpoint",
@@ -130,6 +131,10 @@ FIELDS: tuple[Field, ...] = (
     Field("datadog", "api_key", "secret", None,
           "API key added to Datadog requests that carry none.",
           env=("DATADOG_API_KEY", "DD_API_KEY")),
+    Field("datadog", "agent_endpoint", "str", "",
+          "Base URL of a Datadog Agent that receives what tracing libraries send "
+          "to /v0.3/traces, /v0.4/traces and /v0.5/traces.",
+          env=("DD_TRACE_AGENT_URL",)),
     Field("newrelic", "region", "str", "",
           "New Relic region to forward to (us or eu): picks the metric-api, log-api, "
           "trace-api and insights-collector hosts of that region.",

@@ -57,6 +57,11 @@ def upstream_base(upstream: str, settings: Mapping[str, object]) -> Optional[str
     forward_to = settings.get("proxy.forward_to")
     if forward_to:
         return str(forward_to)
+    if upstream == "agent":
+        # Tracer payloads only make sense to a Datadog Agent, never to the
+        # public intake.
+        agent = settings.get("datadog.agent_endpoint")
+        return str(agent) if agent else None
     endpoint = settings.get("datadog.endpoint")
     if endpoint:
         return str(endpoint)
@@ -121,6 +126,10 @@ def _event_v2_success(body: bytes, context=None) -> Answer:
 _OK_V1 = fixed_success(202, {"status": "ok"})
 _EMPTY_202 = fixed_success(202, {})
 _GET_POST = frozenset({b"GET", b"POST"})
+_PUT_POST = frozenset({b"PUT", b"POST"})
+#: The Agent's answer to a tracer: the sampling rates it should apply
+#: (all traces kept: reductrai samples on its own).
+_TRACER_OK = fixed_success(200, {"rate_by_service": {"service:,env:": 1}})
 
 
 def _json_or_agent(shape: Optional[str]) -> Callable:
@@ -167,6 +176,10 @@ ROUTES = (
     ),
     _route("traces", TRACES, "/api/v0.2/traces", _EMPTY_202, upstream="trace", agent=True),
     _route("trace_stats", TRACES, "/api/v0.2/stats", _EMPTY_202, upstream="trace"),
+    # What tracing libraries send to a local Datadog Agent (msgpack).
+    _route("tracer_v03", TRACES, "/v0.3/traces", _TRACER_OK, upstream="agent", agent=True, methods=_PUT_POST),
+    _route("tracer_v04", TRACES, "/v0.4/traces", _TRACER_OK, upstream="agent", agent=True, methods=_PUT_POST),
+    _route("tracer_v05", TRACES, "/v0.5/traces", _TRACER_OK, upstream="agent", agent=True, methods=_PUT_POST),
     _route("intake", METADATA, "/intake/", _EMPTY_202, prefix=True),
     _route("validate", METADATA, "/api/v1/validate", fixed_success(200, {"valid": True}), methods=_GET_POST),
     _route("metadata", METADATA, "/api/v1/metadata", _EMPTY_202),
