@@ -137,3 +137,14 @@ def test_example_config_parses_to_defaults(tmp_path):
         assert settings[field.key] == defaults[field.key], field.key
         if field.kind != "secret":
             assert f"\n{field.name} = " in text, field.key
+
+
+def test_shipped_example_is_current():
+    """
+    conf/reductrai.example.toml is what example_config renders today
+    (regenerate it with make example-config).
+    """
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "conf" / "reductrai.example.toml"
+    assert shipped.read_text() == example_config()
