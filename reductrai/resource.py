@@ -357,6 +357,16 @@ class IngestResource(Resource):
             forwarded_ok, outcome = not isinstance(forwarded, Failure), forwarded
         label = f"{match.vendor.name}.{match.route.upstream}"
 
+        upstream_accepted = forwarded_ok and 200 <= outcome.status < 300
+        if not stored_ok and not upstream_accepted:
+            # Neither the store nor the upstream has the request: the
+            # client must send it again.
+            full = stored_result.check(StoreFull)
+            reason = "local store is full; retry later" if full else "local store is unavailable; retry later"
+            answer = match.vendor.error(503, reason)
+            answer = Answer(answer.status, answer.body, answer.content_type, {**answer.headers, b"retry-after": b"30"})
+            return self._reject(request, match, answer, "store_full" if full else "store_unavailable")
+
         status: Optional[int] = None
         retry_after = None
         if forwarded_ok:

@@ -36,7 +36,9 @@ import lmdb
 import zstandard
 from twisted.internet import defer, task, threads
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+
+from reductrai.ratelimit import RateLimitedLog
 
 from reductrai.dictionaries import DICTS_DB, DictionaryLookup, DictionaryManager, DictionaryOptions
 from reductrai.indexes import INDEX_DB, INDEX_REV_DB, index_ops, summary_of
@@ -136,6 +138,7 @@ class RecordStore:
 
     def __init__(self, options: StoreOptions, reactor, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.options = options
+        self._errors = RateLimitedLog(self.log)
         self._reactor = reactor
         self._clock_ns = clock_ns
         self._codec = RecordCodec(options.compression_level, self._dictionary_bytes)
@@ -270,7 +273,10 @@ class RecordStore:
         if items:
             ops.extend(index_ops(key, items))
         if ops:
-            self._pending_ops.append((ops, Deferred()))
+            ops_done: Deferred = Deferred()
+            # The record's Deferred carries the same failure to the caller.
+            ops_done.addErrback(lambda failure: None)
+            self._pending_ops.append((ops, ops_done))
         self._schedule()
         return d
 
@@ -347,9 +353,12 @@ class RecordStore:
                         d.errback(error)
                     return
             except lmdb.Error as error:
-                self.log.error(
-                    "Commit of {count} records and {ops} operations failed: {error}",
-                    count=len(batch), ops=len(ops), error=str(error),
+                self._errors.emit(
+                    "commit_failed",
+                    LogLevel.error,
+                    "Commit of {count} records and {ops} operations to {path} failed: {error}; "
+                    "check the free space of its filesystem",
+                    count=len(batch), ops=len(ops), path=self.options.path, error=str(error),
                 )
                 failure = StoreError(f"commit failed: {error}")
                 for d in waiting:
