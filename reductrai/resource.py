@@ -3,7 +3,7 @@ The ingest resource: one twisted.web resource serving every vendor route.
 
 For each request it finds the route (by path, never by C{Host}), checks the
 method and the body size, decodes the body, parses it when the mode needs
-the items, stores it, forwards it and answers the client.  Which of those
+the items, stores it, forwards it and responds to the client.  Which of those
 happen depends on the proxy mode:
 
   - C{forward}: store and forward everything; the client gets the
@@ -57,8 +57,8 @@ class IngestResource(Resource):
         records carry their items for the query API.
     @ivar spool: the L{reductrai.spool.Spool} that delivers forwarded
         requests the upstream did not accept, or L{None}.
-    @ivar spool_on_failure: C{"spool"} answers the vendor's success when
-        the spool holds the request; C{"relay"} passes the upstream's
+    @ivar spool_on_failure: C{"spool"} sends the vendor's success response
+        when the spool contains the request; C{"relay"} passes the upstream's
         failure to the client (the spool still retries).
     """
 
@@ -150,9 +150,9 @@ class IngestResource(Resource):
         self.metrics.decoded_bytes.labels(vendor.name, route.kind).inc(len(decoded))
         context.body = decoded
 
-        # The vendor is the judge of payloads it receives in forward mode;
-        # everywhere else reductrai answers for it and must reject what it
-        # would reject.
+        # The vendor judges the payloads it receives in forward mode.  In
+        # every other mode reductrai responds in its place, so it must
+        # reject what the vendor would reject.
         answering_for_vendor = base_url is None or self.mode == "sample"
         parsed = None
         if route.parser is not None and (answering_for_vendor or self.index_items):
