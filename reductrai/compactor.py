@@ -29,7 +29,7 @@ from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from reductrai.record import encode_block, make_key, packed_header_bytes
+from reductrai.record import RecordHeader, block_v3_sections, header_bytes, make_key
 from reductrai.store import BLOCK_DATA_DB, BLOCKS_DB, RECORDS_DB, BlockInfo, RecordStore, block_key
 
 
@@ -44,6 +44,12 @@ class CompactorOptions:
         is older than C{min_age + block_max_seconds}.
     @ivar block_max_seconds: arrival-time span at which a buffer is sealed.
     @ivar level: zstd level of blocks.
+    @ivar record_checksums: keep each record's CRC-32 from ingest in its
+        block (4 bytes a record).  Otherwise a block keeps one digest of
+        them, which reading the block checks against every body: a
+        mismatch still fails the block, but cannot name the record.  The
+        block's zstd content checksum and the CRC-32 of its compressed
+        bytes detect damage at rest either way.
     @ivar slice_records: hot records read per slice at most.
     @ivar slice_seconds: time budget of one slice on the reactor.
     @ivar interval: seconds between slices while there is work.
@@ -55,6 +61,7 @@ class CompactorOptions:
     block_min_bytes: int = 256 * 1024
     block_max_seconds: float = 3600.0
     level: int = 19
+    record_checksums: bool = False
     slice_records: int = 256
     slice_seconds: float = 0.004
     interval: float = 0.01
@@ -70,9 +77,9 @@ class _Buffer:
     item_min_ns: Optional[int] = None
     item_max_ns: Optional[int] = None
 
-    def add(self, key: bytes, head: bytes, body: bytes, header) -> None:
-        self.entries.append((key, head, body))
-        self.raw_bytes += len(head) + len(body)
+    def add(self, key: bytes, header: RecordHeader, body: bytes) -> None:
+        self.entries.append((key, header, body))
+        self.raw_bytes += len(header_bytes(header)) + len(body)
         self.items += header.items or 0
         if header.item_min_ns is not None:
             self.item_min_ns = header.item_min_ns if self.item_min_ns is None else min(self.item_min_ns, header.item_min_ns)
@@ -88,12 +95,26 @@ class _Buffer:
         return int.from_bytes(self.entries[-1][0][:8], "big")
 
 
-def compress_block(entries: list[tuple[bytes, bytes, bytes]], level: int) -> bytes:
+def compress_block(
+    entries: list[tuple[bytes, RecordHeader, bytes]], level: int, record_checksums: bool = False
+) -> bytes:
     """
-    Lay out and compress a block (runs in a thread).
+    Lay out (L{reductrai.record.encode_block_v3}) and compress a block as
+    one zstd frame with its content size and checksum (runs in a thread).
+
+    @param entries: C{(key, header, decoded body)} in key order.
+    @param record_checksums: keep every record's CRC-32 in the block.
     """
+    sections = block_v3_sections(entries, record_checksums)
+    table, bodies = b"".join(sections[:-1]), sections[-1]
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return compressor.compress(encode_block(entries))
+    stream = compressor.compressobj(size=len(table) + len(bodies))
+    # Ending a zstd block after the table gives the bodies their own entropy
+    # tables (the table's random low bytes would flatten them) while both
+    # share one window and one frame.
+    return b"".join((
+        stream.compress(table), stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK), stream.compress(bodies), stream.flush()
+    ))
 
 
 class Compactor:
@@ -201,7 +222,7 @@ class Compactor:
                 buffer = self._buffers.get(stream)
                 if buffer is None:
                     buffer = self._buffers[stream] = _Buffer(stream)
-                buffer.add(key, packed_header_bytes(header), body, header)
+                buffer.add(key, header, body)
                 count += 1
                 if count >= options.slice_records or time.monotonic() >= deadline:
                     return False
@@ -228,7 +249,7 @@ class Compactor:
 
     def _seal(self, buffer: _Buffer) -> Deferred:
         level = self.options.level
-        d = self._run(compress_block, buffer.entries, level)
+        d = self._run(compress_block, buffer.entries, level, self.options.record_checksums)
 
         def compressed(data: bytes):
             first_key, last_key = buffer.entries[0][0], buffer.entries[-1][0]

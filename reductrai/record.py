@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import attrs
 import zstandard
@@ -277,7 +277,9 @@ _BLOCK_COUNT = struct.Struct(">4sI")
 
 def encode_block(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """
-    Lay out records for packing, before compression.
+    Lay out records for packing, before compression (block version 2,
+    kept so that tests can build the blocks older stores hold; the
+    compactor writes L{encode_block_v3}).
 
     The layout is columnar so that one zstd frame finds the repetition in
     each column: arrival-time deltas, sequence numbers, header lengths,
@@ -313,13 +315,17 @@ def encode_block(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
 def decode_block(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
     """
     Yield C{(key, header bytes, body)} of an uncompressed block built by
-    L{encode_block}, in key order.
+    L{encode_block_v3} or L{encode_block} (version 2, still read), in key
+    order.  Header bytes are JSON for L{parse_packed_header}.
 
     @raise RecordError: the block is malformed.
     """
     if len(data) < _BLOCK_COUNT.size:
         raise RecordError("block is truncated")
     magic, count = _BLOCK_COUNT.unpack_from(data)
+    if magic == _BLOCK_MAGIC_V3:
+        yield from _decode_block_v3(data)
+        return
     if magic != _BLOCK_MAGIC:
         raise RecordError("block has an unknown format")
     offset = _BLOCK_COUNT.size
@@ -347,3 +353,235 @@ def decode_block(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
         )
         offset += header_length
         body_offset += body_length
+
+
+_BLOCK_MAGIC_V3 = b"RBK3"
+_BLOCK_V3_HEAD = struct.Struct(">4sBI")
+#: Block flag: the block holds a CRC-32 column, one per record.
+BLOCK_RECORD_CHECKSUMS = 0x01
+#: Header fields a version 3 block keeps in columns instead of in the
+#: deduplicated header shapes, because they vary from record to record.
+_COLUMN_FIELDS = ("received_ns", "size", "crc32", "wire_size", "items", "item_min_ns", "item_max_ns")
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def _unzigzag(value: int) -> int:
+    return value >> 1 if not value & 1 else -((value + 1) >> 1)
+
+
+def _optional(value: Optional[int], base: int) -> int:
+    # 0 is an unset field, any other value is 1 + the zigzag offset from base.
+    return 0 if value is None else 1 + _zigzag(value - base)
+
+
+def _from_optional(coded: int, base: int) -> Optional[int]:
+    return None if coded == 0 else base + _unzigzag(coded - 1)
+
+
+def _planes(values: list[int]) -> bytes:
+    # A column is its width in bytes (1 byte), then its byte planes, most
+    # significant first. Random low bytes then stay apart from near-constant high bytes.
+    width = max(1, (max(values, default=0).bit_length() + 7) // 8)
+    raw = b"".join(value.to_bytes(width, "big") for value in values)
+    return bytes([width]) + b"".join(raw[plane::width] for plane in range(width))
+
+
+class _VarintReader:
+    def __init__(self, data: memoryview, offset: int) -> None:
+        self.data = data
+        self.offset = offset
+
+    def read(self) -> int:
+        data, offset = self.data, self.offset
+        result = shift = 0
+        while True:
+            if offset >= len(data):
+                raise RecordError("block table is truncated")
+            byte = data[offset]
+            offset += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                self.offset = offset
+                return result
+            shift += 7
+            if shift > 70:
+                raise RecordError("block table has an invalid varint")
+
+    def column(self, count: int) -> list[int]:
+        width = self.take(1)[0]
+        if not 1 <= width <= 16:
+            raise RecordError("block column has an invalid width")
+        raw = bytearray(width * count)
+        for plane in range(width):
+            raw[plane::width] = self.take(count)
+        return [int.from_bytes(raw[n : n + width], "big") for n in range(0, width * count, width)]
+
+    def take(self, length: int) -> bytes:
+        end = self.offset + length
+        if end > len(self.data):
+            raise RecordError("block table is truncated")
+        chunk = bytes(self.data[self.offset : end])
+        self.offset = end
+        return chunk
+
+
+def block_crcs(crcs: Iterable[int]) -> int:
+    """
+    Return the digest a version 3 block without a checksum column keeps:
+    the CRC-32 of its records' CRC-32s (4 bytes each, big-endian) in key
+    order.  The compactor takes them from the headers written at ingest,
+    so a body that changed since then fails the block when it is read.
+    """
+    digest = 0
+    for crc in crcs:
+        digest = zlib.crc32(crc.to_bytes(4, "big"), digest)
+    return digest
+
+
+def block_v3_sections(entries: list[tuple[bytes, RecordHeader, bytes]], record_checksums: bool = False) -> list[bytes]:
+    """
+    Lay out records for packing, before compression (block version 3), as
+    sections whose concatenation is the block; the last is the bodies.
+
+    Every header field that repeats (vendor, kind, route, method, path,
+    query, content type and encoding, headers, dictionary) goes into a
+    table of distinct header shapes, stored once each.  Fields that vary go
+    into columns, one value per record.  Identical headers then cost only a
+    shape index, and zstd finds the regularity of each column::
+
+        "RBK3" | flags (1) | count (4)
+        | varint shape count | (varint length | shape JSON)...
+        | 8 columns | checks | bodies...
+
+    Columns, one value per record: arrival-time deltas (the first from
+    0), sequence deltas (zigzag), shape indexes, body lengths, wire size
+    minus size (zigzag), items, item_min_ns - received_ns and item_max_ns
+    - item_min_ns (0 when unset, else 1 + zigzag).  Each column is its
+    width in bytes (1 byte) and then its values' big-endian bytes as
+    planes, most significant plane first.  Checks are the CRC-32 column
+    (4 bytes each, when flags has L{BLOCK_RECORD_CHECKSUMS}) or the digest
+    of L{block_crcs} (4 bytes).  Varints are unsigned LEB128.
+
+    @param entries: C{(key, header, decoded body)} in key order; each
+        header's C{size} and C{crc32} must describe its body.
+    @param record_checksums: keep each record's CRC-32 (4 bytes a record)
+        rather than one digest of them for the whole block.
+    @return: the sections of the uncompressed block.
+    @raise RecordError: a body does not match its header's size, or the
+        records are not in key order.
+    """
+    shapes: dict[bytes, int] = {}
+    table = bytearray()
+    columns: list[list[int]] = [[] for _ in range(8)]
+    times, sequences, shape_column, lengths, wire, items, item_min, item_max = columns
+    previous_ns = previous_sequence = 0
+    for key, header, body in entries:
+        if header.size != len(body):
+            raise RecordError("packed body does not match its header's size")
+        time_ns, sequence = _KEY.unpack(key)
+        fields = attrs.asdict(header)
+        for name in _COLUMN_FIELDS:
+            del fields[name]
+        shape = json.dumps(fields, separators=(",", ":")).encode("utf-8")
+        index = shapes.get(shape)
+        if index is None:
+            index = shapes[shape] = len(shapes)
+            _put_varint(table, len(shape))
+            table += shape
+        if time_ns < previous_ns:
+            raise RecordError("packed records are not in key order")
+        times.append(time_ns - previous_ns)
+        sequences.append(_zigzag(sequence - previous_sequence))
+        previous_ns, previous_sequence = time_ns, sequence
+        shape_column.append(index)
+        lengths.append(len(body))
+        wire.append(_zigzag(header.wire_size - header.size))
+        items.append(0 if header.items is None else header.items + 1)
+        item_min.append(_optional(header.item_min_ns, time_ns))
+        base = header.item_min_ns if header.item_min_ns is not None else time_ns
+        item_max.append(_optional(header.item_max_ns, base))
+    if record_checksums:
+        checks = struct.pack(f">{len(entries)}I", *(header.crc32 for _, header, _ in entries))
+    else:
+        checks = block_crcs(header.crc32 for _, header, _ in entries).to_bytes(4, "big")
+    shape_count = bytearray()
+    _put_varint(shape_count, len(shapes))
+    flags = BLOCK_RECORD_CHECKSUMS if record_checksums else 0
+    return (
+        [_BLOCK_V3_HEAD.pack(_BLOCK_MAGIC_V3, flags, len(entries)) + bytes(shape_count) + bytes(table)]
+        + [_planes(column) for column in columns]
+        + [checks, b"".join(body for _, _, body in entries)]
+    )
+
+
+def encode_block_v3(entries: list[tuple[bytes, RecordHeader, bytes]], record_checksums: bool = False) -> bytes:
+    """
+    Return the uncompressed version 3 block of C{entries}: the
+    concatenation of L{block_v3_sections}.
+    """
+    return b"".join(block_v3_sections(entries, record_checksums))
+
+
+def _decode_block_v3(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
+    if len(data) < _BLOCK_V3_HEAD.size:
+        raise RecordError("block is truncated")
+    _, flags, count = _BLOCK_V3_HEAD.unpack_from(data)
+    view = memoryview(data)
+    reader = _VarintReader(view, _BLOCK_V3_HEAD.size)
+    shapes = []
+    for _ in range(reader.read()):
+        try:
+            shapes.append(json.loads(reader.take(reader.read())))
+        except ValueError as error:
+            raise RecordError(f"block header shape is invalid: {error}") from None
+    times, sequences, shape_column, lengths, wire, items, item_min, item_max = (reader.column(count) for _ in range(8))
+    record_checksums = bool(flags & BLOCK_RECORD_CHECKSUMS)
+    if record_checksums:
+        checks = struct.unpack(f">{count}I", reader.take(4 * count))
+    else:
+        digest = int.from_bytes(reader.take(4), "big")
+    offset = reader.offset
+    if offset + sum(lengths) != len(data):
+        raise RecordError("block lengths do not add up")
+    bodies = []
+    for length in lengths:
+        bodies.append(bytes(view[offset : offset + length]))
+        offset += length
+    if not record_checksums and block_crcs(zlib.crc32(body) for body in bodies) != digest:
+        raise RecordError("block bodies do not match the checksums taken at ingest")
+    time_ns = sequence = 0
+    for index in range(count):
+        time_ns += times[index]
+        sequence += _unzigzag(sequences[index])
+        if shape_column[index] >= len(shapes):
+            raise RecordError("block refers to an unknown header shape")
+        body = bodies[index]
+        fields = dict(shapes[shape_column[index]])
+        fields["received_ns"] = time_ns
+        fields["size"] = len(body)
+        if record_checksums:
+            fields["crc32"] = checks[index]
+        fields["wire_size"] = len(body) + _unzigzag(wire[index])
+        if items[index]:
+            fields["items"] = items[index] - 1
+        item_min_ns = _from_optional(item_min[index], time_ns)
+        if item_min_ns is not None:
+            fields["item_min_ns"] = item_min_ns
+        item_max_ns = _from_optional(item_max[index], item_min_ns if item_min_ns is not None else time_ns)
+        if item_max_ns is not None:
+            fields["item_max_ns"] = item_max_ns
+        yield (
+            _KEY.pack(time_ns, sequence & 0xFFFFFFFF),
+            json.dumps(fields, separators=(",", ":")).encode("utf-8"),
+            body,
+        )

@@ -1,0 +1,190 @@
+"""
+Block layout version 3: columnar record headers with deduplicated header
+shapes, a per-block digest or per-record CRC-32 column, and reading of the
+version 2 blocks that older stores hold.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+import zstandard
+from twisted.internet import reactor
+
+from reductrai.compactor import Compactor, CompactorOptions, compress_block
+from reductrai.record import (
+    RecordError,
+    RecordHeader,
+    decode_block,
+    encode_block,
+    encode_block_v3,
+    make_key,
+    packed_header_bytes,
+    parse_packed_header,
+)
+from reductrai.store import BLOCK_DATA_DB, BLOCKS_DB, BlockInfo, RecordStore, StoreOptions, block_key
+
+
+def make_header(time_ns: int, body: bytes, **changes) -> RecordHeader:
+    header = RecordHeader(
+        received_ns=time_ns, vendor="datadog", kind="logs", route="logs_v2", method="POST",
+        path="/api/v2/logs", query="", content_type="application/json", content_encoding="gzip",
+        wire_size=len(body) // 2 + 7, size=len(body), crc32=zlib.crc32(body),
+        headers=[["user-agent", "test/1"], ["dd-evp-origin", "agent"]],
+    )
+    return attrs.evolve(header, **changes)
+
+
+def sample_entries(count: int, seed: int = 7) -> list[tuple[bytes, RecordHeader, bytes]]:
+    """
+    Records with every kind of field variation: times with random gaps,
+    sequences that wrap, three header shapes, items set and unset, item
+    times before and after arrival, wire sizes above and below the size.
+    """
+    rng = random.Random(seed)
+    entries = []
+    time_ns = 1_700_000_000_000_000_000
+    for n in range(count):
+        time_ns += rng.randrange(0, 10**9)
+        body = json.dumps({"n": n, "message": "line %d" % rng.randrange(10**6)}).encode() * rng.randrange(1, 4)
+        changes = {}
+        if n % 3 == 1:
+            changes.update(route="logs_v1", query="ddsource=x", headers=[["user-agent", "other/2"]], dictionary=5)
+        if n % 3 == 2:
+            changes.update(content_encoding=None, wire_size=len(body) + rng.randrange(-5, 5), content_type=None)
+        if n % 2:
+            changes.update(items=rng.randrange(0, 50), item_min_ns=time_ns - rng.randrange(10**12),
+                           item_max_ns=time_ns + rng.randrange(-10**9, 10**9))
+        sequence = (0xFFFFFFF0 + n) & 0xFFFFFFFF
+        entries.append((make_key(time_ns, sequence), make_header(time_ns, body, **changes), body))
+    return entries
+
+
+@pytest.mark.parametrize("record_checksums", [False, True])
+def test_v3_round_trip_keeps_every_field(record_checksums: bool) -> None:
+    entries = sample_entries(60)
+    rows = list(decode_block(encode_block_v3(entries, record_checksums)))
+    assert [key for key, _, _ in rows] == [key for key, _, _ in entries]
+    assert [body for _, _, body in rows] == [body for _, _, body in entries]
+    for (key, head, body), (_, header, _) in zip(rows, entries):
+        assert parse_packed_header(head, key, body) == header
+
+
+def test_identical_headers_are_stored_once() -> None:
+    body = b'{"message":"same"}'
+    entries = [(make_key(10**18 + n * 1000, n), make_header(10**18 + n * 1000, body), body) for n in range(200)]
+    layout = encode_block_v3(entries)
+    shape = json.dumps({k: v for k, v in attrs.asdict(entries[0][1]).items()
+                        if k in ("vendor", "kind", "route", "method", "path", "query", "content_type",
+                                 "content_encoding", "headers", "dictionary")}, separators=(",", ":")).encode()
+    assert layout.count(shape) == 1
+    bodies_alone = len(zstandard.ZstdCompressor(level=19).compress(body * 200))
+    # The header shape once, constant columns and the frame's checksum.
+    assert len(compress_block(entries, 19)) - bodies_alone < len(shape) + 100
+
+
+def test_digest_detects_bodies_that_do_not_match_ingest() -> None:
+    entries = sample_entries(10)
+    key, header, body = entries[4]
+    # A body that differs from what ingest checksummed, with the right size.
+    entries[4] = (key, header, bytes([body[0] ^ 1]) + body[1:])
+    with pytest.raises(RecordError, match="checksums taken at ingest"):
+        list(decode_block(encode_block_v3(entries, record_checksums=False)))
+
+
+def test_crc_column_finds_changed_record() -> None:
+    entries = sample_entries(10)
+    key, header, body = entries[4]
+    entries[4] = (key, header, bytes([body[0] ^ 1]) + body[1:])
+    rows = list(decode_block(encode_block_v3(entries, record_checksums=True)))
+    mismatched = [n for n, (key, head, body) in enumerate(rows)
+                  if parse_packed_header(head, key, body).crc32 != zlib.crc32(body)]
+    assert mismatched == [4]
+
+
+def test_v3_rejects_unsorted_records_and_wrong_sizes() -> None:
+    entries = sample_entries(5)
+    with pytest.raises(RecordError):
+        encode_block_v3([entries[1], entries[0]])
+    key, header, body = entries[0]
+    with pytest.raises(RecordError):
+        encode_block_v3([(key, header, body + b"x")])
+
+
+def test_truncated_v3_block_is_an_error() -> None:
+    layout = encode_block_v3(sample_entries(20))
+    for cut in (3, 12, len(layout) // 3, len(layout) - 1):
+        with pytest.raises(RecordError):
+            list(decode_block(layout[:cut]))
+
+
+def fields(kind: str, n: int) -> dict:
+    return {"vendor": "datadog", "kind": kind, "route": "r", "method": "POST", "path": "/p", "query": "",
+            "content_type": "application/json", "content_encoding": "gzip" if n % 2 else None,
+            "wire_size": 10 + n, "headers": [["user-agent", "t"]]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_compacted_records_read_back_identical(tmp_path: Path) -> None:
+    store = RecordStore(StoreOptions(path=str(tmp_path / "store"), durability="none"), reactor)
+    store.open()
+    try:
+        keys = []
+        for n in range(50):
+            body = json.dumps({"n": n, "text": "x" * (n % 7)}).encode()
+            keys.append(await store.append(fields("metrics" if n % 4 else "logs", n), body))
+        view = store.view()
+        with view.begin() as txn:
+            before = {key: view.decode(view.get(txn, key)) for key in keys}
+        written = await Compactor(store, reactor, CompactorOptions(min_age=0)).compact_all()
+        assert written == 2
+        view = store.view()
+        with view.begin() as txn:
+            assert store.status()["blocks"] == 2
+            for key in keys:
+                entry = view.get(txn, key)
+                assert entry.block is not None
+                assert view.decode(entry) == before[key]
+            scanned = [entry.key for entry in view.scan(txn)]
+        assert scanned == sorted(keys)
+    finally:
+        store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_2_blocks_stay_readable(tmp_path: Path) -> None:
+    store = RecordStore(StoreOptions(path=str(tmp_path / "store"), durability="none"), reactor)
+    store.open()
+    try:
+        entries = sample_entries(12)
+        old = [(key, packed_header_bytes(header), body) for key, header, body in entries]
+        data = zstandard.ZstdCompressor(level=19, write_checksum=True).compress(encode_block(old))
+        raw = sum(len(head) + len(body) for _, head, body in old)
+        first, last = entries[0][0], entries[-1][0]
+        info = BlockInfo(
+            key=block_key("datadog/logs", first), stream="datadog/logs", first_key=first, last_key=last,
+            first_ns=entries[0][1].received_ns, last_ns=entries[-1][1].received_ns, records=len(entries),
+            items=0, item_min_ns=None, item_max_ns=None, raw_bytes=raw, stored_bytes=len(data), level=19,
+            crc32=zlib.crc32(data), created_ns=0,
+        )
+        await store.submit([("put", BLOCKS_DB, info.key, info.to_value()), ("put", BLOCK_DATA_DB, info.key, data)])
+        view = store.view()
+        with view.begin() as txn:
+            for key, header, body in entries:
+                assert view.decode(view.get(txn, key)) == (header, body)
+    finally:
+        store.close()
+
+
+def test_compress_block_frame_checks_content() -> None:
+    entries = sample_entries(30)
+    frame = bytearray(compress_block(entries, 3))
+    frame[len(frame) // 2] ^= 0xFF
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(bytes(frame))
