@@ -93,6 +93,9 @@ FIELDS: tuple[Field, ...] = (
     Field("server", "request_timeout", "float", 60.0,
           "Seconds a client connection may stay idle or take to send a request.",
           minimum=1),
+    Field("server", "shutdown_timeout", "float", 10.0,
+          "Seconds a stopping daemon (SIGTERM) waits for requests in flight before "
+          "it commits and closes the store.", minimum=0),
     Field("proxy", "mode", "str", "",
           "forward: store and forward everything; sample: store everything, forward "
           "all metrics, events and checks and a sample of logs and traces (see the "

@@ -92,11 +92,41 @@ class IngestResource(Resource):
         self.spool = spool
         self.spool_on_failure = spool_on_failure
         self.max_decoded_bytes = int(settings["limits.max_decoded_bytes"])
+        self.in_flight = 0
+        self._idle_waiters: list = []
         self._errors = RateLimitedLog(self.log)
 
     # -- request flow ------------------------------------------------------
 
     def render(self, request):
+        self.in_flight += 1
+        request.notifyFinish().addBoth(self._request_done)
+        return self._render(request)
+
+    def _request_done(self, result) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(True)
+
+    def wait_idle(self, reactor, timeout: float) -> "defer.Deferred[bool]":
+        """
+        Wait until no request is in flight, at most C{timeout} seconds.
+
+        @return: a L{Deferred} firing with C{True} once idle, or C{False}
+            when the timeout passed first.
+        """
+        if self.in_flight == 0:
+            return defer.succeed(True)
+        waiter: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        call = reactor.callLater(timeout, lambda: waiter.called or waiter.callback(False))
+        waiter.addBoth(lambda idle: (call.active() and call.cancel(), idle)[1])
+        return waiter
+
+    def _render(self, request):
         request.setHeader(b"server", SERVER)
         path = request.path.decode("latin-1")
         content_type_header = request.getHeader(b"content-type")

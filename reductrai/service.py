@@ -298,6 +298,27 @@ class ReductraiService(service.MultiService):
         self.ingest_resource.spool = self.spool
         self.spool.start()
 
+    def _finish_in_flight(self) -> defer.Deferred:
+        """
+        Let requests in flight finish, up to C{server.shutdown_timeout}
+        seconds; what is cut off is already committed (record and spool
+        entry) and delivered later.
+        """
+        timeout = self.settings["server.shutdown_timeout"]
+        resource = self.ingest_resource
+        waiting = resource.in_flight
+
+        def report(idle: bool) -> None:
+            if not idle:
+                self.log.warn(
+                    "Stopped with {count} requests still in flight after {timeout} s",
+                    count=resource.in_flight, timeout=timeout,
+                )
+            elif waiting:
+                self.log.info("Finished {count} requests in flight before stopping", count=waiting)
+
+        return resource.wait_idle(self.reactor, timeout).addCallback(report)
+
     def stopService(self):
         """
         Stop accepting connections, let in-flight requests finish, then
@@ -309,6 +330,8 @@ class ReductraiService(service.MultiService):
             self.reloader.uninstall()
         closing = [defer.maybeDeferred(port.stopListening) for port in self.ports + self.admin_ports]
         d = defer.DeferredList(closing)
+        if self.ingest_resource is not None:
+            d.addCallback(lambda _: self._finish_in_flight())
         for worker in (self.spool, self.compactor, self.retention):
             if worker is not None:
                 d.addCallback(lambda _, worker=worker: worker.stop())

@@ -336,3 +336,29 @@ async def test_upstream_cookies_not_shared(tmp_path):
     finally:
         await daemon.stop()
         await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_finishes_requests_in_flight(tmp_path):
+    """
+    Stopping the service waits for a request whose upstream is still
+    answering, and the client gets that answer.
+    """
+    from twisted.internet import reactor, task
+
+    upstream = Upstream(lambda received: Reply(delay=1.0))
+    daemon = start_daemon(tmp_path / "data", proxy__forward_to=upstream.url, proxy__mode="forward")
+    try:
+        pending = send_raw(
+            daemon.http_port, "POST", "/api/v2/series", [("Host", "x"), ("Content-Type", "application/json")],
+            b'{"series":[]}',
+        )
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert daemon.service.ingest_resource.in_flight == 1
+        await daemon.stop()
+        assert daemon.service.ingest_resource.in_flight == 0
+        status, _, _ = await pending
+        assert status == 202
+        assert len(upstream.received) == 1
+    finally:
+        await upstream.stop()
