@@ -233,6 +233,14 @@ class IngestResource(Resource):
         stored = self.store.append(fields, decoded, items=items, extra=extra)
         if entry_id is not None:
             stored.addErrback(self._abandon_entry, entry_id)
+            if self.spool_on_failure == "spool" and self.spool.upstream_is_down(base_url):
+                # The upstream's circuit is open: a live attempt would only
+                # wait for the failure, so the drain loop takes the request.
+                stored.addCallbacks(
+                    lambda key: self._queue_without_forwarding(request, match, context, entry_id),
+                    lambda failure: self._store_failed(request, match, failure),
+                )
+                return NOT_DONE_YET
 
         forwarded = self._forward(request, match, base_url, forward_body, headers)
         results = defer.DeferredList([forwarded, stored], consumeErrors=True)
@@ -242,6 +250,11 @@ class IngestResource(Resource):
             )
         )
         return NOT_DONE_YET
+
+    def _queue_without_forwarding(self, request, match: Match, context, entry_id: bytes) -> None:
+        self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
+        self.spool.release(entry_id)
+        self._answer_queued(request, match, context)
 
     def _abandon_entry(self, failure: Failure, entry_id: bytes) -> Failure:
         self.spool.abandon(entry_id)

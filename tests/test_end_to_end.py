@@ -362,3 +362,31 @@ async def test_stop_finishes_requests_in_flight(tmp_path):
         assert len(upstream.received) == 1
     finally:
         await upstream.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_circuit_skips_live_forwards(tmp_path):
+    """
+    Once the spool's circuit for a down upstream is open, requests are
+    committed and answered as queued without a live attempt.
+    """
+    upstream = Upstream()
+    url = upstream.url
+    await upstream.stop()
+    daemon = start_daemon(
+        tmp_path / "data", proxy__forward_to=url, proxy__mode="forward",
+        spool__circuit_failures=2, spool__backoff_base=0.1, spool__backoff_cap=0.2,
+    )
+    try:
+        for index in range(10):
+            status, headers, _ = await send_raw(
+                daemon.http_port, "POST", "/api/v2/series", [("Host", "x"), ("Content-Type", "application/json")],
+                b'{"series":[],"n":%d}' % index,
+            )
+            assert status == 202
+            assert dict((k.lower(), v) for k, v in headers)["x-reductrai-queued"] == "true"
+        live_attempts = daemon.service.forwarder.state_of(url).requests
+        assert live_attempts < 10
+        assert daemon.service.spool.status()["depth"] == 10
+    finally:
+        await daemon.stop()

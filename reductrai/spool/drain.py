@@ -246,6 +246,22 @@ class Spool:
             self._make_room(len(value) + len(body))
         return entry_id, [("put", SPOOL_DB, entry_id, value), ("put", BODY_DB, entry_id, body)]
 
+    def upstream_is_down(self, upstream_base: str) -> bool:
+        """
+        Whether the circuit of an upstream is open: a live forward would
+        only wait for the failure, so the accept path leaves the request
+        to the drain loop, which probes the upstream.
+        """
+        return self._upstream_for(upstream_base).circuit.state == OPEN
+
+    def release(self, entry_id: bytes) -> None:
+        """
+        Hand a committed entry to the drain loop at once, without a live
+        forward and without counting an attempt.
+        """
+        self._live.pop(entry_id, None)
+        self._kick()
+
     def abandon(self, entry_id: bytes) -> None:
         """
         Forget an entry whose record could not be committed (the append
