@@ -36,6 +36,34 @@ def unprivileged_user() -> str:
     return USER
 
 
+def readable_interpreter(prefix: list[str]) -> tuple:
+    """
+    Find a Python the unprivileged user can run with reductrai importable:
+    this interpreter, or else the system's Python of the same minor
+    version with this environment's site-packages and the checkout on
+    C{PYTHONPATH} (a pyenv or virtualenv interpreter under a private home
+    directory is not readable by other users).
+
+    @return: C{(interpreter, PYTHONPATH or "")}, or C{(None, "")}.
+    """
+    import site
+
+    probe_code = "import reductrai, twisted, lmdb, zstandard"
+    candidates = [(sys.executable, "")]
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if os.path.exists(system):
+        repository = str(Path(__file__).resolve().parent.parent)
+        candidates.append((system, os.pathsep.join([repository, *site.getsitepackages()])))
+    for interpreter, python_path in candidates:
+        environment = ["env", "-i", f"PYTHONPATH={python_path}"] if python_path else []
+        probe = subprocess.run(
+            prefix + environment + [interpreter, "-c", probe_code], capture_output=True, timeout=60, check=False
+        )
+        if probe.returncode == 0:
+            return interpreter, python_path
+    return None, ""
+
+
 def test_runs_unprivileged_with_only_the_data_directory_writable():
     """
     twistd starts as the unprivileged user, answers /health, and writes
@@ -45,10 +73,10 @@ def test_runs_unprivileged_with_only_the_data_directory_writable():
         pytest.skip("runuser is not installed")
     user = unprivileged_user()
     prefix = ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
-    probe = subprocess.run(prefix + [sys.executable, "-c", "import reductrai, twisted, lmdb"], capture_output=True, timeout=60, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"the interpreter {sys.executable} or its packages are not readable by user {user} "
-                    f"(a parent directory such as /root is private): {probe.stderr.decode()[-200:]}")
+    interpreter, python_path = readable_interpreter(prefix)
+    if interpreter is None:
+        pytest.skip(f"neither {sys.executable} nor a system Python 3.11 with this environment's packages "
+                    f"is readable by user {user} (a parent directory such as /root is private)")
 
     base = Path(tempfile.mkdtemp(prefix="reductrai-unprivileged-"))
     os.chmod(base, 0o755)
@@ -65,8 +93,10 @@ def test_runs_unprivileged_with_only_the_data_directory_writable():
         "REDUCTRAI_SERVER_LISTEN": "ssl:0:interface=127.0.0.1,tcp:0:interface=127.0.0.1",
         "REDUCTRAI_SERVER_ADMIN_LISTEN": "tcp:0:interface=127.0.0.1",
     }
+    if python_path:
+        environment["PYTHONPATH"] = python_path
     command = prefix + ["env", "-i", *[f"{k}={v}" for k, v in environment.items()],
-                        sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "reductrai"]
+                        interpreter, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "reductrai"]
     process = subprocess.Popen(command, cwd=str(data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ports: dict[str, int] = {}
     lines = []
