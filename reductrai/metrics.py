@@ -16,6 +16,7 @@ class Metrics:
     """
 
     def __init__(self) -> None:
+        self._children: dict = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "reductrai_requests",
@@ -91,6 +92,18 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def child(self, metric, *values: str):
+        """
+        Return C{metric.labels(*values)}, cached: prometheus_client checks
+        and converts the label values on every C{labels} call, which the
+        ingest path would otherwise pay several times per request.
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         """

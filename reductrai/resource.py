@@ -148,7 +148,7 @@ class IngestResource(Resource):
             return self._reject(request, match, answer, "body_too_large")
 
         body = request.content.getvalue()
-        self.metrics.received_bytes.labels(vendor.name, route.kind).inc(len(body))
+        self.metrics.child(self.metrics.received_bytes, vendor.name, route.kind).inc(len(body))
         base_url = None
         if self.forwarder is not None and self.mode != "store-only":
             base_url = vendor.upstream_base(route.upstream, self.settings)
@@ -177,7 +177,7 @@ class IngestResource(Resource):
             return self._reject(request, match, vendor.error(413, error.reason, context), "decoded_too_large")
         except (CorruptBody, EncodingError) as error:
             return self._reject(request, match, vendor.error(400, error.reason, context), "corrupt_body")
-        self.metrics.decoded_bytes.labels(vendor.name, route.kind).inc(len(decoded))
+        self.metrics.child(self.metrics.decoded_bytes, vendor.name, route.kind).inc(len(decoded))
         context.body = decoded
 
         # The vendor judges the payloads it receives in forward mode.  In
@@ -189,7 +189,7 @@ class IngestResource(Resource):
             try:
                 parsed = context.parsed
             except PayloadError as error:
-                self.metrics.rejected.labels("invalid_payload").inc()
+                self.metrics.child(self.metrics.rejected, "invalid_payload").inc()
                 if answering_for_vendor:
                     return self._reject(request, match, vendor.error(400, error.reason, context), "invalid_payload")
             except Exception:
@@ -252,7 +252,7 @@ class IngestResource(Resource):
         return NOT_DONE_YET
 
     def _queue_without_forwarding(self, request, match: Match, context, entry_id: bytes) -> None:
-        self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
+        self.metrics.child(self.metrics.stored_records, match.vendor.name, match.route.kind).inc()
         self.spool.release(entry_id)
         self._answer_queued(request, match, context)
 
@@ -391,7 +391,7 @@ class IngestResource(Resource):
         if stored is not None:
             stored_ok, stored_result = stored
             if stored_ok:
-                self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
+                self.metrics.child(self.metrics.stored_records, match.vendor.name, match.route.kind).inc()
             else:
                 self._log_store_failure(match, stored_result)
         if isinstance(forwarded, tuple):
@@ -426,7 +426,7 @@ class IngestResource(Resource):
 
         if not forwarded_ok:
             if outcome.check(UpstreamError):
-                self.metrics.upstream_requests.labels(label, "error").inc()
+                self.metrics.child(self.metrics.upstream_requests, label, "error").inc()
                 if queued:
                     return self._answer_queued(request, match, context)
                 answer = match.vendor.error(outcome.value.status, outcome.value.reason)
@@ -436,10 +436,10 @@ class IngestResource(Resource):
                 return self._answer_queued(request, match, context)
             return self._reject(request, match, match.vendor.error(502, "forwarding failed"), "forward_error")
         response: UpstreamResponse = outcome
-        self.metrics.upstream_requests.labels(label, f"{response.status // 100}xx").inc()
+        self.metrics.child(self.metrics.upstream_requests, label, f"{response.status // 100}xx").inc()
         latency = getattr(self.forwarder, "last_latency", None)
         if latency is not None:
-            self.metrics.upstream_latency.labels(label).observe(latency)
+            self.metrics.child(self.metrics.upstream_latency, label).observe(latency)
         if queued:
             return self._answer_queued(request, match, context)
         if own_answer_context is not None and 200 <= response.status < 300:
@@ -450,7 +450,7 @@ class IngestResource(Resource):
         """
         Answer the vendor's success for a request the spool will deliver.
         """
-        self.metrics.rejected.labels("queued_for_retry").inc()
+        self.metrics.child(self.metrics.rejected, "queued_for_retry").inc()
         try:
             answer = match.route.success(context.body, context)
         except Exception:
@@ -467,13 +467,13 @@ class IngestResource(Resource):
             request.responseHeaders.setRawHeaders(name, list(values))
         if response.status not in (204, 304) and not 100 <= response.status < 200:
             request.setHeader(b"content-length", str(len(response.body)).encode("ascii"))
-        self.metrics.requests.labels(match.vendor.name, match.route.kind, match.route.name, str(response.status)).inc()
+        self.metrics.child(self.metrics.requests, match.vendor.name, match.route.kind, match.route.name, str(response.status)).inc()
         if response.body and request.method != b"HEAD":
             request.write(response.body)
         request.finish()
 
     def _answer_success(self, request, match: Match, context: AnswerContext) -> None:
-        self.metrics.stored_records.labels(match.vendor.name, match.route.kind).inc()
+        self.metrics.child(self.metrics.stored_records, match.vendor.name, match.route.kind).inc()
         try:
             answer = match.route.success(context.body, context)
         except Exception:
@@ -490,7 +490,7 @@ class IngestResource(Resource):
         for name, value in answer.headers.items():
             request.setHeader(name, value)
         labels = (match.vendor.name, match.route.kind, match.route.name) if match else ("none", "none", "none")
-        self.metrics.requests.labels(*labels, str(answer.status)).inc()
+        self.metrics.child(self.metrics.requests, *labels, str(answer.status)).inc()
         if answer.status == 204:
             request.finish()
             return
@@ -503,7 +503,7 @@ class IngestResource(Resource):
         """
         Answer an error, count it and log it (rate-limited per reason).
         """
-        self.metrics.rejected.labels(reason).inc()
+        self.metrics.child(self.metrics.rejected, reason).inc()
         where = f"{match.vendor.name}.{match.route.name}" if match else "unrouted"
         self._errors.emit(
             f"{reason}:{where}",
