@@ -23,6 +23,7 @@ from reductrai.spool import (
     backoff_delay,
     parse_retry_after,
 )
+from reductrai.spool.drain import USAGE_CHECK_INTERVAL
 from reductrai.spool.entries import BODY_DB, DEAD_BODY_DB, DEAD_DB, SPOOL_DB, decode_entry
 from reductrai.spool.policy import CLOSED, HALF_OPEN, OPEN
 
@@ -330,6 +331,8 @@ def test_reject_when_full(tmp_path):
     fill(spool, store, clock, 4)
     assert not spool.is_full()
     fill(spool, store, clock, 1)
+    # The size is read again only once the check interval has passed.
+    clock.advance(2 * USAGE_CHECK_INTERVAL)
     assert spool.is_full()
 
 

@@ -89,6 +89,11 @@ _MAX_DROPS_PER_ENTRY = 1000
 _MAX_BATCHES_PER_PUMP = 4
 
 
+#: Seconds between two reads of the spool's size for the full check: a
+#: read transaction per request would cost more than the request itself.
+USAGE_CHECK_INTERVAL = 0.1
+
+
 class SpoolClosed(Exception):
     """
     The spool is used before L{Spool.start} or after L{Spool.stop}.
@@ -182,6 +187,7 @@ class Spool:
         self._timer_at = 0.0
         self._stopping: Optional[Deferred] = None
         self._full = False
+        self._usage_checked_at = float("-inf")
         self._errors = RateLimitedLog(self.log, clock=reactor.seconds)
         self.counters = SpoolCounters()
 
@@ -324,11 +330,16 @@ class Spool:
         """
         Whether new requests must be refused (503 with C{Retry-After}):
         true only with C{when_full="reject"} while the pending entries or
-        bytes reach their limit.  The check reads committed state, so the
-        spool may overshoot by the requests of one reactor turn.
+        bytes reach their limit.  The check reads committed state at most
+        every L{USAGE_CHECK_INTERVAL} seconds, so the spool may overshoot
+        by the requests of that interval.
         """
         if self.options.when_full != "reject" or self.store.env is None:
             return False
+        now = self.reactor.seconds()
+        if now - self._usage_checked_at < USAGE_CHECK_INTERVAL:
+            return self._full
+        self._usage_checked_at = now
         entries, size = self._usage()
         full = self._over_limit(entries, size)
         if full != self._full:
