@@ -191,8 +191,18 @@ class NoDelayEndpointFactory:
         self._reactor = reactor
         self._policy = policy
         self._timeout = connect_timeout
+        self._endpoints: dict = {}
 
     def endpointForURI(self, uri):
+        # The agent asks for an endpoint on every request, pooled
+        # connection or not; building one encodes the host name with IDNA.
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = self._build(uri)
+        return endpoint
+
+    def _build(self, uri):
         host = uri.host.decode("ascii")
         endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
