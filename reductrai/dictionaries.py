@@ -60,7 +60,9 @@ class DictionaryOptions:
     size: int = 32 * 1024
     first_records: int = 64
     retrain_records: int = 5000
-    retrain_bytes: int = 64 * 1024 * 1024
+    # Large bodies gain little from a dictionary, so bytes alone retrain
+    # rarely; small bodies reach retrain_records first.
+    retrain_bytes: int = 1024 * 1024 * 1024
     sample_records: int = 2000
     sample_bytes: int = 8 * 1024 * 1024
     max_sample_size: int = 64 * 1024
