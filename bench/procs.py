@@ -296,6 +296,10 @@ def start_reductrai(
     if forward_to:
         command += ["--forward-to", forward_to]
     env = _environment(source)
+    # The hardened default admits 1,024 connections per listener role; the
+    # idle-connection workload opens 10,000, as nginx's configuration here
+    # allows.
+    env.setdefault("REDUCTRAI_LIMITS_MAX_CONNECTIONS", "20000")
     process = Process("reductrai", command, directory / "reductrai.log", cwd=source or REPOSITORY, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
