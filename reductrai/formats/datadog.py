@@ -493,6 +493,15 @@ def _hex_from_decimal(value: Any, width: int) -> Optional[str]:
     return None
 
 
+def _log_string(record: Mapping[str, Any], field: str, position: int) -> Optional[str]:
+    # The label is formatted only on the error path: this runs several
+    # times for every log line of a batch.
+    value = record.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    raise PayloadError(f"log {position} {field} must be a string")
+
+
 def _log_item(record: Mapping[str, Any], position: int, query_tags: Mapping[str, str]) -> Item:
     tags = dict(query_tags)
     ddtags = record.get("ddtags")
@@ -500,24 +509,30 @@ def _log_item(record: Mapping[str, Any], position: int, query_tags: Mapping[str,
         if not isinstance(ddtags, str):
             raise PayloadError(f"log {position} ddtags must be a string")
         _tags_from_string(ddtags, tags)
-    source = _optional_string(record.get("ddsource"), f"log {position} ddsource")
+    source = _log_string(record, "ddsource", position)
     if source is not None:
         tags.setdefault("source", source)
     for key, value in record.items():
-        if key not in _LOG_RESERVED:
+        if key in _LOG_RESERVED:
+            continue
+        if type(value) is str:
+            tags[key] = value
+        else:
             _flatten(key, value, tags)
     message = record.get("message")
     if message is not None and not isinstance(message, str):
         message = json.dumps(message, separators=(",", ":"))
     host = record.get("hostname", record.get("host"))
-    status = _optional_string(record.get("status"), f"log {position} status")
-    service = _optional_string(record.get("service"), f"log {position} service")
+    if host is not None and not isinstance(host, str):
+        raise PayloadError(f"log {position} hostname must be a string")
+    status = _log_string(record, "status", position)
+    service = _log_string(record, "service", position)
     return Item(
         kind=LOG,
         index=position,
         timestamp_ns=_log_timestamp(record),
         service=service or _service_from_tags(tags),
-        host=_optional_string(host, f"log {position} hostname"),
+        host=host,
         level=status.lower() if status else None,
         trace_id=_hex_from_decimal(record.get("dd.trace_id"), 32),
         span_id=_hex_from_decimal(record.get("dd.span_id"), 16),
