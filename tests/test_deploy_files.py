@@ -32,7 +32,8 @@ def test_dockerfile():
     assert by_name["USER"][-1].strip() == "1001:1001"
     assert by_name["FROM"][-1].startswith("python:3.11-slim")
     assert any("getPlugins" in run for run in by_name["RUN"])
-    assert "urllib.request" in by_name["HEALTHCHECK"][0] and "/health" in by_name["HEALTHCHECK"][0]
+    assert "urllib.request" in by_name["HEALTHCHECK"][0]
+    assert "/health" in by_name["HEALTHCHECK"][0]
     assert by_name["CMD"][-1].strip() == '["twistd", "-n", "--pidfile=", "reductrai"]'
 
 
@@ -53,7 +54,8 @@ def test_compose():
     assert {"cpus", "memory"} <= set(limits)
     assert {"max-size", "max-file"} <= set(service["logging"]["options"])
     volume, _, target = service["volumes"][0].partition(":")
-    assert volume in document["volumes"] and target == "/var/lib/reductrai"
+    assert volume in document["volumes"]
+    assert target == "/var/lib/reductrai"
     for name in service["secrets"]:
         assert "file" in document["secrets"][name]
     assert document["networks"]["admin"]["internal"] is True
@@ -86,7 +88,8 @@ def test_kubernetes_manifests():
     (container,) = pod["containers"]
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == "/var/lib/reductrai"
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1001
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1001
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False

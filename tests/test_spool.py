@@ -88,7 +88,8 @@ def test_backoff_full_jitter_stays_under_the_capped_exponential_ceiling():
         delays = [backoff_delay(failures, base, cap, rng.random) for _ in range(200)]
         assert all(0.0 <= d <= ceiling for d in delays)
         # Full jitter spreads delays over the whole interval.
-        assert min(delays) < ceiling * 0.1 and max(delays) > ceiling * 0.9
+        assert min(delays) < ceiling * 0.1
+        assert max(delays) > ceiling * 0.9
     assert backoff_delay(0, base, cap) == 0.0
     assert backoff_delay(500, base, cap, lambda: 0.5) == cap / 2
 
@@ -109,17 +110,21 @@ def test_circuit_opens_probes_once_and_closes():
     now = 100.0
     assert circuit.allows(now)
     assert circuit.failed(now) is None  # one failure: closed, delayed 1 s
-    assert not circuit.allows(now + 0.5) and circuit.allows(now + 1.0)
+    assert not circuit.allows(now + 0.5)
+    assert circuit.allows(now + 1.0)
     circuit.failed(now + 1.0)
     assert circuit.failed(now + 3.0) == OPEN  # third failure, delay 4 s
     assert not circuit.allows(now + 6.9)
-    assert circuit.allows(now + 7.0) and circuit.state == HALF_OPEN
+    assert circuit.allows(now + 7.0)
+    assert circuit.state == HALF_OPEN
     circuit.sending()
     assert not circuit.allows(now + 7.0)  # only one probe at a time
-    assert circuit.failed(now + 7.5) is None and circuit.state == OPEN
+    assert circuit.failed(now + 7.5) is None
+    assert circuit.state == OPEN
     assert circuit.allows(now + 7.5 + 4.0)
     circuit.sending()
-    assert circuit.succeeded() == HALF_OPEN and circuit.state == CLOSED
+    assert circuit.succeeded() == HALF_OPEN
+    assert circuit.state == CLOSED
     assert circuit.allows(now + 11.5)
 
 
@@ -138,7 +143,8 @@ def test_settle_2xx_deletes_the_entry_and_its_credentials(tmp_path):
     store, spool = make_spool(tmp_path, clock, forwarder)
     spool.start()
     fill(spool, store, clock, 5, settle_status=202)
-    assert count(store, SPOOL_DB) == 0 and count(store, BODY_DB) == 0
+    assert count(store, SPOOL_DB) == 0
+    assert count(store, BODY_DB) == 0
     advance(clock, 40)
     assert forwarder.calls == []
     assert spool.counters.delivered == 5
@@ -171,7 +177,8 @@ def test_live_failure_hands_the_entry_to_the_drain_loop(tmp_path):
     # The replay carries the exact target and the credential header.
     assert forwarder.calls[0].target == b"/api/v2/series?n=0"
     assert forwarder.calls[0].headers.getRawHeaders(b"dd-api-key") == [b"k" * 32]
-    assert count(store, SPOOL_DB) == 0 and count(store, BODY_DB) == 0
+    assert count(store, SPOOL_DB) == 0
+    assert count(store, BODY_DB) == 0
 
 
 def test_live_4xx_drops_without_retry(tmp_path):
@@ -181,7 +188,8 @@ def test_live_4xx_drops_without_retry(tmp_path):
     fill(spool, store, clock, 3, settle_status=400)
     advance(clock, 40)
     assert forwarder.calls == []
-    assert count(store, SPOOL_DB) == 0 and count(store, DEAD_DB) == 0
+    assert count(store, SPOOL_DB) == 0
+    assert count(store, DEAD_DB) == 0
     assert spool.counters.rejected_by_upstream == 3
 
 
@@ -197,7 +205,8 @@ def test_fifo_per_upstream_with_one_replay_at_a_time(tmp_path):
     advance(clock, 20)
     first = [call.seq for call in forwarder.calls if call.base == UPSTREAM]
     second = [call.seq for call in forwarder.calls if call.base == "http://127.0.0.1:10"]
-    assert first == list(range(20)) and second == list(range(5))
+    assert first == list(range(20))
+    assert second == list(range(5))
     assert forwarder.max_in_flight <= 2  # one per upstream
 
 
