@@ -385,7 +385,7 @@ class Forwarder:
         state.failures += 1
         state.last_failure = time.time()
         if failure.check(defer.CancelledError, ConnectTimeoutError) or _was_cancelled(failure):
-            error = UpstreamError(504, f"upstream {state.url} did not answer within {self.timeout:g} s")
+            error = UpstreamError(504, f"upstream {state.url} timed out after {self.timeout:g} s")
         elif failure.check(DNSLookupError):
             error = UpstreamError(502, f"upstream host of {state.url} could not be resolved")
         elif failure.check(ConnectError, ConnectingCancelledError):
