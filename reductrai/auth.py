@@ -58,7 +58,7 @@ def load_tokens(path: str) -> list[bytes]:
     Read bearer tokens, one a line; blank lines and lines starting with
     C{#} are skipped.  Only the SHA-256 digests are kept.
 
-    @raise ValueError: the file cannot be read or holds no token; the
+    @raise ValueError: the file cannot be read or contains no token; the
         message names the path, never a token.
     """
     try:
@@ -67,7 +67,7 @@ def load_tokens(path: str) -> list[bytes]:
         raise ValueError(f"admin.tokens_file: cannot read {path!r}: {getattr(error, 'strerror', None) or 'not UTF-8'}") from None
     digests = [_digest(line.strip().encode("utf-8")) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not digests:
-        raise ValueError(f"admin.tokens_file: {path!r} holds no token")
+        raise ValueError(f"admin.tokens_file: {path!r} contains no token; add one token a line")
     return digests
 
 
@@ -95,7 +95,7 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
             )
         users[user] = hashed.encode("ascii")
     if not users:
-        raise ValueError(f"admin.htpasswd_file: {path!r} holds no user")
+        raise ValueError(f"admin.htpasswd_file: {path!r} contains no user; add user:bcrypt-hash lines (htpasswd -B)")
     return users
 
 

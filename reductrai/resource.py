@@ -454,7 +454,7 @@ class IngestResource(Resource):
         try:
             answer = match.route.success(context.body, context)
         except Exception:
-            self.log.failure("Building the {vendor} answer failed", vendor=match.vendor.name)
+            self.log.failure("Building the {vendor} success response failed", vendor=match.vendor.name)
             answer = Answer(202, b"{}")
         headers = {**answer.headers, b"x-reductrai-queued": b"true"}
         self._write_answer(request, match, Answer(answer.status, answer.body, answer.content_type, headers))
@@ -477,7 +477,7 @@ class IngestResource(Resource):
         try:
             answer = match.route.success(context.body, context)
         except Exception:
-            self.log.failure("Building the {vendor} answer failed", vendor=match.vendor.name)
+            self.log.failure("Building the {vendor} success response failed", vendor=match.vendor.name)
             answer = match.vendor.error(500, "internal error while building the answer", context)
         self._write_answer(request, match, answer)
 

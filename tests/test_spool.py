@@ -216,11 +216,13 @@ def test_concurrency_is_bounded_per_upstream(tmp_path):
     spool.start()
     fill(spool, store, clock, 10, settle_status="none")
     advance(clock, 10)
-    assert len(forwarder.calls) == 3 and forwarder.max_in_flight == 3
+    assert len(forwarder.calls) == 3
+    assert forwarder.max_in_flight == 3
     for call in list(forwarder.calls):
         forwarder.reply(call, 202)
     clock.advance(0)
-    assert len(forwarder.calls) == 6 and forwarder.max_in_flight == 3
+    assert len(forwarder.calls) == 6
+    assert forwarder.max_in_flight == 3
 
 
 def test_drain_rate_limits_replays(tmp_path):
@@ -293,15 +295,18 @@ def test_permanent_failures_become_dead_letters_without_credentials(tmp_path):
     spool.start()
     fill(spool, store, clock, 4, settle_status="none")
     advance(clock, 10)
-    assert count(store, SPOOL_DB) == 0 and count(store, BODY_DB) == 0
-    assert count(store, DEAD_DB) == 3 and count(store, DEAD_BODY_DB) == 3
+    assert count(store, SPOOL_DB) == 0
+    assert count(store, BODY_DB) == 0
+    assert count(store, DEAD_DB) == 3
+    assert count(store, DEAD_BODY_DB) == 3
     with store.env.begin() as txn:
         dead = [decode_entry(v) for _, v in txn.cursor(db=store.database(DEAD_DB))]
     assert sorted(meta.status for meta, _ in dead) == [400, 403, 413]
     for meta, sealed in dead:
         assert sealed == b""  # credentials deleted
         names = {name.lower() for name, _ in meta.headers}
-        assert "dd-api-key" not in names and "x-seq" in names
+        assert "dd-api-key" not in names
+        assert "x-seq" in names
         assert meta.reason.startswith("upstream answered")
     assert spool.status()["dead_letters"] == 3
 
@@ -316,7 +321,8 @@ def test_too_many_attempts_and_too_old(tmp_path):
     advance(clock, 5)
     # Each entry: the live attempt plus two replays.
     assert [call.seq for call in forwarder.calls] == [0, 0, 1, 1]
-    assert count(store, DEAD_DB) == 2 and count(store, SPOOL_DB) == 0
+    assert count(store, DEAD_DB) == 2
+    assert count(store, SPOOL_DB) == 0
 
     clock2 = make_clock()
     forwarder2 = ScriptedForwarder(answer=lambda call: 500)
@@ -357,7 +363,8 @@ def test_drop_oldest_when_full(tmp_path):
     assert spool.counters.dropped_oldest == 3
     with store.env.begin() as txn:
         left = [key for key, _ in txn.cursor(db=store.database(SPOOL_DB))]
-    assert ids[:3] == sorted(set(ids[:3]) - set(left)) and len(left) == 5
+    assert ids[:3] == sorted(set(ids[:3]) - set(left))
+    assert len(left) == 5
 
 
 def test_restart_resumes_pending_entries_at_once(tmp_path):
@@ -416,7 +423,8 @@ def test_status_and_metrics(tmp_path):
     fill(spool, store, clock, 3, settle_status="none")
     clock.advance(10)
     status = spool.status()
-    assert status["depth"] == 3 and status["bytes"] > 0
+    assert status["depth"] == 3
+    assert status["bytes"] > 0
     assert status["oldest_age"] == pytest.approx(10.0, abs=0.5)
     registry = CollectorRegistry()
     registry.register(spool.metrics_collector())

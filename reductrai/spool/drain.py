@@ -437,7 +437,8 @@ class Spool:
         and packed blocks by their C{last_ns}).  Entries are matched by
         time, not by key: an entry is created just before its record, so
         this is an estimate that may count one entry too many at the edge.
-        The spool keeps its own copy of each body, so nothing is lost.
+        Each entry holds its own copy of the wire body, so deleting the
+        record does not stop its delivery.
 
         @param txn: a read transaction of the store's environment.
         @return: the count, at most 100,000 (the scan stops there).

@@ -41,6 +41,8 @@ def error(status: int, reason: str, context=None) -> Answer:
 
 
 def _bulk_success(body: bytes, context) -> Answer:
+    # NOTE: this parses the body a second time, because the items the route
+    # parser returns do not keep a rejected action's name and index.
     started = time.monotonic()
     actions = formats.parse_actions(body, PayloadContext(path=context.path, content_type=context.content_type, query=context.query))
     took = max(1, int((time.monotonic() - started) * 1000))
