@@ -43,6 +43,10 @@ class RecordError(ValueError):
     """
 
 
+#: Arrival times in record keys are whole multiples of this (1 ms).
+KEY_TIME_UNIT_NS = 1_000_000
+
+
 def make_key(time_ns: int, sequence: int) -> bytes:
     """
     Build a record key from its arrival time and sequence number.

@@ -48,6 +48,7 @@ from reductrai.record import (
     RecordError,
     RecordHeader,
     decode_block,
+    KEY_TIME_UNIT_NS,
     make_key,
     parse_header,
     parse_packed_header,
@@ -214,13 +215,23 @@ class RecordStore:
 
     def next_key(self) -> bytes:
         """
-        Return a fresh key: the current time, made strictly increasing.
+        Return a fresh key, greater than every key this store returned
+        before: the arrival time in whole milliseconds (kept in the key's
+        nanosecond field, never going back when the clock does) and the
+        next sequence number.
+
+        Millisecond arrival times cost a packed block about 1.3 bytes a
+        record where nanoseconds cost about 4 (see BENCHMARKS.md); the
+        sequence number orders records that arrive in the same millisecond.
         """
-        now = self._clock_ns()
-        if now <= self._last_ns:
-            now = self._last_ns + 1
-        self._last_ns = now
+        now = self._clock_ns() // KEY_TIME_UNIT_NS * KEY_TIME_UNIT_NS
+        if now < self._last_ns:
+            now = self._last_ns
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+        if self._sequence == 0 and now == self._last_ns:
+            # The sequence wrapped within one millisecond: move on by one.
+            now += KEY_TIME_UNIT_NS
+        self._last_ns = now
         return make_key(now, self._sequence)
 
     def _dictionary_bytes(self, dictionary_id: int) -> Optional[bytes]:

@@ -46,13 +46,37 @@ def test_one_commit_per_reactor_turn(tmp_path):
 
 def test_keys_strictly_increase_with_equal_clock(tmp_path):
     """
-    Keys stay unique and ordered when the clock does not move.
+    Keys stay unique and ordered when the clock does not move: the arrival
+    time is the clock's millisecond and the sequence orders the records.
     """
     reactor = MemoryReactorClock()
-    store = RecordStore(StoreOptions(path=str(tmp_path / "s"), durability="none"), reactor, clock_ns=lambda: 1000)
+    store = RecordStore(
+        StoreOptions(path=str(tmp_path / "s"), durability="none"), reactor, clock_ns=lambda: 5_123_456_789
+    )
     keys = [store.next_key() for _ in range(3)]
-    assert [split_key(k)[0] for k in keys] == [1000, 1001, 1002]
+    assert [split_key(k)[0] for k in keys] == [5_123_000_000] * 3
+    assert [split_key(k)[1] for k in keys] == [1, 2, 3]
+    assert keys == sorted(set(keys))
     assert key_from_text(key_to_text(keys[1])) == keys[1]
+
+
+def test_keys_increase_when_the_clock_goes_back_or_the_sequence_wraps(tmp_path):
+    """
+    A clock that steps back keeps the last arrival time, and a sequence
+    that wraps within one millisecond moves the time on by a millisecond,
+    so keys still increase.
+    """
+    times = iter([9_000_000_000, 8_000_000_000, 8_000_000_000])
+    store = RecordStore(
+        StoreOptions(path=str(tmp_path / "s"), durability="none"), MemoryReactorClock(), clock_ns=lambda: next(times)
+    )
+    first = store.next_key()
+    second = store.next_key()
+    store._sequence = 0xFFFFFFFF
+    third = store.next_key()
+    assert first < second < third
+    assert split_key(second)[0] == 9_000_000_000
+    assert split_key(third) == (9_001_000_000, 0)
 
 
 def test_map_grows_then_reports_full(tmp_path):

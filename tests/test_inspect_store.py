@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, task, threads
 
 from reductrai.compactor import Compactor, CompactorOptions
 from reductrai.dictionaries import DictionaryOptions
@@ -52,7 +52,11 @@ async def test_commands_on_live_store(tmp_path: Path):
                 break
             await threads.deferToThread(lambda: None)
         await Compactor(store, reactor, CompactorOptions(min_age=0)).compact_all()
-        later = [await store.append(fields("logs"), b'{"later":%d}' % n) for n in range(5)]
+        later = []
+        for n in range(5):
+            # Keys carry whole milliseconds: space these so that purge can split them.
+            await task.deferLater(reactor, 0.003, lambda: None)
+            later.append(await store.append(fields("logs"), b'{"later":%d}' % n))
         store.env.sync(True)
 
         blocks = json.loads((await threads.deferToThread(inspect_command, tmp_path, "blocks", "--json")).stdout)
