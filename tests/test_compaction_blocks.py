@@ -19,8 +19,10 @@ from twisted.internet import reactor
 
 from reductrai.compactor import Compactor, CompactorOptions, compress_block
 from reductrai.record import (
+    BLOCK_SCALED_TIMES,
     RecordError,
     RecordHeader,
+    block_v3_sections,
     decode_block,
     encode_block,
     encode_block_v3,
@@ -115,6 +117,83 @@ def test_v3_rejects_unsorted_records_and_wrong_sizes() -> None:
     key, header, body = entries[0]
     with pytest.raises(RecordError):
         encode_block_v3([(key, header, body + b"x")])
+
+
+def millisecond_entries(count: int, seed: int = 11) -> list[tuple[bytes, RecordHeader, bytes]]:
+    """
+    Records as the store now keys them: whole-millisecond arrival times,
+    item times in whole seconds (before and after arrival), some unset.
+    """
+    rng = random.Random(seed)
+    entries = []
+    time_ns = 1_796_000_000_123_000_000
+    for n in range(count):
+        time_ns += rng.randrange(10, 1000) * 10**6
+        body = b'{"n":%d}' % n
+        changes = {}
+        if n % 4:
+            first = (time_ns // 10**9 + rng.randrange(-100, 3)) * 10**9
+            changes.update(items=3, item_min_ns=first, item_max_ns=first + rng.randrange(0, 20) * 10**9)
+        entries.append((make_key(time_ns, n + 1), make_header(time_ns, body, **changes), body))
+    return entries
+
+
+def test_scaled_time_columns_round_trip_and_shrink() -> None:
+    """
+    Whole-millisecond keys and whole-second item times read back exactly,
+    and their columns cost at least 2 bytes a record less than the same
+    records with nanosecond noise in their arrival times.
+    """
+    entries = millisecond_entries(400)
+    layout = encode_block_v3(entries)
+    rows = list(decode_block(layout))
+    assert [key for key, _, _ in rows] == [key for key, _, _ in entries]
+    for (key, head, body), (_, header, _) in zip(rows, entries):
+        assert parse_packed_header(head, key, body) == header
+
+    rng = random.Random(3)
+    noisy = []
+    for key, header, body in entries:
+        time_ns = header.received_ns + rng.randrange(10**6)
+        noisy.append((make_key(time_ns, int.from_bytes(key[8:], "big")), attrs.evolve(header, received_ns=time_ns), body))
+    compressor = zstandard.ZstdCompressor(level=19)
+    scaled = len(compressor.compress(encode_block_v3(entries)))
+    unscaled = len(compressor.compress(encode_block_v3(noisy)))
+    assert unscaled - scaled >= 2 * len(entries)
+
+
+def test_version_3_blocks_without_time_scales_stay_readable() -> None:
+    """
+    Blocks written before the time scales existed have no scale varints
+    and no L{BLOCK_SCALED_TIMES} flag.  With odd nanosecond times every
+    scale is 1, so such a block is the new layout less the flag and the
+    three varints.
+    """
+    entries = sample_entries(30)
+    sections = block_v3_sections(entries)
+    head = bytearray(sections[0])
+    assert head[4] & BLOCK_SCALED_TIMES and head[-3:] == b"\x01\x01\x01"
+    head[4] &= ~BLOCK_SCALED_TIMES
+    old_layout = bytes(head[:-3]) + b"".join(sections[1:])
+    rows = list(decode_block(old_layout))
+    for (key, head_bytes, body), (entry_key, header, entry_body) in zip(rows, entries):
+        assert (key, body) == (entry_key, entry_body)
+        assert parse_packed_header(head_bytes, key, body) == header
+
+
+def test_equal_times_and_unknown_flags() -> None:
+    """
+    Records that all arrive in one millisecond (every delta but the first
+    is 0) read back; a block with a flag this version does not know is
+    refused.
+    """
+    body = b"{}"
+    entries = [(make_key(10**18, n), make_header(10**18, body), body) for n in range(5)]
+    assert [key for key, _, _ in decode_block(encode_block_v3(entries))] == [key for key, _, _ in entries]
+    layout = bytearray(encode_block_v3(entries))
+    layout[4] |= 0x80
+    with pytest.raises(RecordError, match="unknown flags"):
+        list(decode_block(bytes(layout)))
 
 
 def test_truncated_v3_block_is_an_error() -> None:
