@@ -32,16 +32,22 @@ import re
 import sys
 import zlib
 from pathlib import Path
+from typing import Optional
+from urllib.parse import parse_qs
 
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reductrai.compactor import compress_block  # noqa: E402
+from reductrai.compactor import CompactorOptions, compress_block  # noqa: E402
 from reductrai.dictionaries import DictionaryOptions, train  # noqa: E402
 from reductrai.encoding import decode_body  # noqa: E402
-from reductrai.record import RecordCodec, RecordHeader, header_bytes, make_key  # noqa: E402
+from reductrai.formats.items import PayloadContext  # noqa: E402
+from reductrai.indexes import summary_of  # noqa: E402
+from reductrai.itemtimes import derive_item_times  # noqa: E402
+from reductrai.record import KEY_TIME_UNIT_NS, RecordCodec, RecordHeader, header_bytes, make_key  # noqa: E402
 from reductrai.store import BlockInfo, block_key  # noqa: E402
+from reductrai.vendors.registry import default_router  # noqa: E402
 from tests import corpus  # noqa: E402
 
 LOGHUB = Path(__file__).resolve().parent.parent.parent / "shared" / "loghub"
@@ -104,24 +110,53 @@ def vary_protobuf(folder: str, path: str, body: bytes, replay: int, rng: random.
     return message.SerializeToString()
 
 
-def header_for(vendor: str, kind: str, path: str, content_type, body: bytes, time_ns: int,
-               content_encoding=None) -> RecordHeader:
+_ROUTER = default_router()
+
+
+def describe(path: str, content_type: Optional[str], body: bytes, query: str = "",
+             headers: Optional[dict] = None) -> dict:
+    """
+    Return the header fields the daemon derives from a request: vendor,
+    kind and route from the route table, and the item count and time range
+    from the route's own parser (none when it has no parser or the body
+    does not parse).
+    """
+    match = _ROUTER.match(path, content_type)
+    fields = {"vendor": match.vendor.name, "kind": match.route.kind, "route": match.route.name}
+    if match.route.parser is not None:
+        context = PayloadContext(path=path, content_type=content_type, query=parse_qs(query), headers=headers or {})
+        try:
+            fields.update(summary_of(match.route.parser(body, context).items))
+        except Exception:
+            pass
+    return fields
+
+
+def header_for(path: str, content_type, body: bytes, time_ns: int, content_encoding=None, query: str = "",
+               headers: Optional[dict] = None) -> RecordHeader:
     # A body that arrived compressed is counted with the size gzip -6 gives
     # its varied form, so that the wire size varies as it would.
     wire_size = len(gzip.compress(body, 6)) if content_encoding else len(body)
     return RecordHeader(
-        received_ns=time_ns, vendor=vendor, kind=kind, route=kind, method="POST", path=path, query="",
+        received_ns=time_ns // KEY_TIME_UNIT_NS * KEY_TIME_UNIT_NS, method="POST", path=path, query=query,
         content_type=content_type, content_encoding=content_encoding, wire_size=wire_size, size=len(body),
         crc32=zlib.crc32(body), headers=[["user-agent", "bench/1.0"]],
+        **describe(path, content_type, body, query, headers),
     )
 
 
-def corpus_dataset(folder: str, replays: int) -> list[tuple[RecordHeader, bytes]]:
+def corpus_dataset(folder: str, seconds: float, max_raw: int) -> list[tuple[RecordHeader, bytes]]:
+    """
+    Replay a corpus folder, varied, until its arrivals span C{seconds} or
+    its decoded bodies reach C{max_raw} bytes.
+    """
     rng = random.Random(folder)
     requests = corpus.load(folder)
     records = []
-    now = 1_796_000_000 * 10**9
-    for replay in range(replays):
+    start = now = 1_796_000_000 * 10**9
+    raw = 0
+    replay = 0
+    while now - start < seconds * 1e9 and raw < max_raw:
         for captured in requests:
             body = decode_body(captured.body, captured.header("content-encoding"), 1 << 27)
             content_type = captured.header("content-type") or ""
@@ -130,9 +165,12 @@ def corpus_dataset(folder: str, replays: int) -> list[tuple[RecordHeader, bytes]
             else:
                 body = vary_json(body, replay, rng)
             now += rng.randrange(10**7, 10**9)
-            header = header_for(folder, captured.path.strip("/").replace("/", "_"), captured.path, content_type,
-                                body, now, captured.header("content-encoding"))
+            headers = {name.lower(): value for name, value in captured.headers}
+            header = header_for(captured.path, content_type, body, now, captured.header("content-encoding"),
+                                captured.meta.get("query", ""), headers)
             records.append((header, body))
+            raw += len(body)
+        replay += 1
     return records
 
 
@@ -149,98 +187,122 @@ def loghub_dataset(path: Path) -> list[tuple[RecordHeader, bytes]]:
         ]
         body = json.dumps(batch, separators=(",", ":")).encode()
         now += 10**9
-        records.append((header_for("datadog", "logs", "/api/v2/logs", "application/json", body, now), body))
+        records.append((header_for("/api/v2/logs", "application/json", body, now), body))
     return records
 
 
-def packed_size(records: list[tuple[RecordHeader, bytes]], level: int, record_checksums: bool) -> int:
+def packed_size(records: list[tuple[RecordHeader, bytes]], level: int, record_checksums: bool,
+                options: CompactorOptions = CompactorOptions()) -> tuple[int, int]:
     """
     Return the stored bytes of the records packed as the compactor packs
-    them.  Blocks hold one stream (vendor and kind) each and are cut at
-    4 MiB raw, and each record keeps its real key (arrival time and
-    sequence).  Each block also costs its index entry, its key twice and
-    an estimated 60 bytes of LMDB overhead.
+    them once it has caught up, and the number of blocks.
+
+    The compactor buffers each stream (vendor and kind) apart and seals a
+    buffer once it reaches C{block_max_bytes} raw or spans
+    C{block_max_seconds}, or, when all buffers together pass
+    C{buffer_max_bytes}, the largest one; what is left at the end of the
+    dataset is sealed too.  Each record keeps its real key (arrival
+    millisecond and sequence number).  Each block also costs its index
+    entry, its key twice and an estimated 60 bytes of LMDB overhead.
     """
     packed = 0
     buffers: dict[str, list] = {}
     blocks = []
     for index, (header, body) in enumerate(records):
         buffer = buffers.setdefault(header.stream, [[], 0])
-        buffer[0].append((make_key(header.received_ns, index), header, body))
+        buffer[0].append((make_key(header.received_ns, index + 1), header, body))
         buffer[1] += len(header_bytes(header)) + len(body)
-        if buffer[1] >= 4 * 1024 * 1024:
+        span = header.received_ns - buffer[0][0][1].received_ns
+        if buffer[1] >= options.block_max_bytes or span >= options.block_max_seconds * 1e9:
             blocks.append(buffer)
             del buffers[header.stream]
+        elif sum(raw for _, raw in buffers.values()) > options.buffer_max_bytes:
+            stream = max(buffers, key=lambda name: buffers[name][1])
+            blocks.append(buffers.pop(stream))
     blocks.extend(buffers.values())
     for entries, raw in blocks:
-        data = compress_block(entries, level, record_checksums)
-        key = block_key(f"{entries[0][1].vendor}/{entries[0][1].kind}", entries[0][0])
-        info = BlockInfo(key, "s", entries[0][0], entries[-1][0], entries[0][1].received_ns,
+        data = compress_block(entries, level, record_checksums, derive_item_times)
+        key = block_key(entries[0][1].stream, entries[0][0])
+        info = BlockInfo(key, entries[0][1].stream, entries[0][0], entries[-1][0], entries[0][1].received_ns,
                          entries[-1][1].received_ns, len(entries), 0, None, None, raw, len(data), level,
                          zlib.crc32(data), 0)
         packed += len(data) + len(info.to_value()) + 2 * len(key) + 60
-    return packed
+    return packed, len(blocks)
 
 
-def measure(records: list[tuple[RecordHeader, bytes]], level: int = 19) -> dict:
+def measure(records: list[tuple[RecordHeader, bytes]], options: CompactorOptions, level: int = 19) -> dict:
     bodies = [body for _, body in records]
     raw = sum(len(b) for b in bodies)
     gz = sum(len(gzip.compress(b, 6)) for b in bodies)
     z3 = zstandard.ZstdCompressor(level=3)
     zs = sum(len(z3.compress(b)) for b in bodies)
     whole = len(zstandard.ZstdCompressor(level=19).compress(b"".join(bodies)))
-    # Hot: the first DictionaryOptions.first_records records plain, then
-    # the dictionary trained on them, retrained as the store would.
-    options = DictionaryOptions()
+    # Hot: per stream, the first DictionaryOptions.first_records records
+    # plain, then the dictionary trained on them, retrained as the store
+    # would.
+    dictionary_options = DictionaryOptions()
     codec = RecordCodec(3)
     hot = 0
-    compressor = None
-    samples = []
-    since = 0
+    streams: dict[str, dict] = {}
     for header, body in records:
+        state = streams.setdefault(header.stream, {"compressor": None, "samples": [], "since": 0})
+        compressor = state["compressor"]
         header = RecordHeader(**{**header.to_json(), "dictionary": 1 if compressor else None})
         hot += 12 + len(codec.encode(header, body, compressor))
-        samples.append(body[: options.max_sample_size])
-        since += 1
-        due = since >= (options.first_records if compressor is None else options.retrain_records)
+        state["samples"].append(body[: dictionary_options.max_sample_size])
+        state["since"] += 1
+        due = state["since"] >= (
+            dictionary_options.first_records if compressor is None else dictionary_options.retrain_records
+        )
         if due:
             try:
-                data = train(samples[-options.sample_records :], options.size)
-                compressor = zstandard.ZstdCompressor(level=options.level, dict_data=zstandard.ZstdCompressionDict(data),
-                                                     write_checksum=True, write_content_size=True)
+                data = train(state["samples"][-dictionary_options.sample_records :], dictionary_options.size)
+                state["compressor"] = zstandard.ZstdCompressor(
+                    level=dictionary_options.level, dict_data=zstandard.ZstdCompressionDict(data),
+                    write_checksum=True, write_content_size=True,
+                )
                 hot += len(data) + 40
             except zstandard.ZstdError:
                 pass
-            since = 0
-    packed = packed_size(records, level, record_checksums=False)
-    packed_crc = packed_size(records, level, record_checksums=True)
-    return {"requests": len(records), "raw": raw, "gzip6": gz, "zstd3": zs, "hot": hot, "packed": packed, "packed_crc": packed_crc, "whole19": whole}
+            state["since"] = 0
+    packed, blocks = packed_size(records, level, False, options)
+    packed_crc, _ = packed_size(records, level, True, options)
+    span = (records[-1][0].received_ns - records[0][0].received_ns) / 1e9
+    return {"requests": len(records), "span": span, "blocks": blocks, "raw": raw, "gzip6": gz, "zstd3": zs,
+            "hot": hot, "packed": packed, "packed_crc": packed_crc, "whole19": whole}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--replays", type=int, default=40)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--seconds", type=float, default=3600.0,
+                        help="replay each corpus folder until its arrivals span this (default one hour)")
+    parser.add_argument("--max-raw-mib", type=float, default=16.0,
+                        help="or until its decoded bodies reach this many MiB (default 16)")
+    parser.add_argument("--buffer-max-mib", type=float, default=CompactorOptions().buffer_max_bytes / 2**20,
+                        help="the compactor's buffer_max_bytes, in MiB")
     parser.add_argument("--only", help="run only the datasets whose name contains this")
     args = parser.parse_args()
-    datasets = [(f"corpus/{f} x{args.replays}", lambda f=f: corpus_dataset(f, args.replays)) for f in corpus.folders()]
+    options = CompactorOptions(buffer_max_bytes=int(args.buffer_max_mib * 2**20))
+    max_raw = int(args.max_raw_mib * 1024 * 1024)
+    datasets = [(f"corpus/{f}", lambda f=f: corpus_dataset(f, args.seconds, max_raw)) for f in corpus.folders()]
     datasets += [(f"loghub/{p.name} (Datadog logs, 50 lines a request)", lambda p=p: loghub_dataset(p))
                  for p in sorted(LOGHUB.glob("*.log"))]
-    print("| dataset | requests | raw bytes | gzip-6 per request | zstd-3 per request | reductrai hot | reductrai packed "
-          "| packed, CRC-32 per record | whole-stream zstd -19 | packed / whole | packed CRC / whole |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| dataset | requests | span s | blocks | raw bytes | gzip-6 per request | zstd-3 per request | reductrai hot "
+          "| reductrai packed | packed, CRC-32 per record | whole-stream zstd -19 | packed / whole | packed CRC / whole |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, build in datasets:
         if args.only and args.only not in name:
             continue
-        m = measure(build())
+        m = measure(build(), options)
 
         def cell(stored):
             return f"{stored} ({m['raw'] / stored:.1f}x)"
 
         share = m["whole19"] / m["packed"]
         share_crc = m["whole19"] / m["packed_crc"]
-        print(f"| {name} | {m['requests']} | {m['raw']} | {cell(m['gzip6'])} | {cell(m['zstd3'])} | {cell(m['hot'])} | "
-              f"{cell(m['packed'])} | {cell(m['packed_crc'])} | {cell(m['whole19'])} | {share:.0%} | {share_crc:.0%} |",
-              flush=True)
+        print(f"| {name} | {m['requests']} | {m['span']:.0f} | {m['blocks']} | {m['raw']} | {cell(m['gzip6'])} | "
+              f"{cell(m['zstd3'])} | {cell(m['hot'])} | {cell(m['packed'])} | {cell(m['packed_crc'])} | "
+              f"{cell(m['whole19'])} | {share:.0%} | {share_crc:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

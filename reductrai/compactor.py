@@ -29,7 +29,8 @@ from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from reductrai.record import RecordHeader, block_v3_sections, header_bytes, make_key
+from reductrai.itemtimes import derive_item_times
+from reductrai.record import ItemTimesDeriver, RecordHeader, block_v3_sections, header_bytes, make_key
 from reductrai.store import BLOCK_DATA_DB, BLOCKS_DB, RECORDS_DB, BlockInfo, RecordStore, block_key
 
 
@@ -39,9 +40,11 @@ class CompactorOptions:
     @ivar min_age: seconds a record stays hot before it may be packed.
     @ivar block_max_bytes: raw bytes (headers and bodies) at which a
         stream's buffer is sealed into a block.
-    @ivar block_min_bytes: a buffer smaller than this waits for more
-        records once the compactor has caught up, unless its oldest record
-        is older than C{min_age + block_max_seconds}.
+    @ivar buffer_max_bytes: raw bytes that all stream buffers may hold
+        together; past it the largest buffer is sealed, smaller than
+        C{block_max_bytes}.  Once caught up, a buffer is otherwise sealed
+        only when its oldest record is older than C{min_age +
+        block_max_seconds}, so that a quiet stream still fills its blocks.
     @ivar block_max_seconds: arrival-time span at which a buffer is sealed.
     @ivar level: zstd level of blocks.
     @ivar record_checksums: keep each record's CRC-32 from ingest in its
@@ -58,7 +61,7 @@ class CompactorOptions:
 
     min_age: float = 300.0
     block_max_bytes: int = 4 * 1024 * 1024
-    block_min_bytes: int = 256 * 1024
+    buffer_max_bytes: int = 16 * 1024 * 1024
     block_max_seconds: float = 3600.0
     level: int = 19
     record_checksums: bool = False
@@ -96,7 +99,10 @@ class _Buffer:
 
 
 def compress_block(
-    entries: list[tuple[bytes, RecordHeader, bytes]], level: int, record_checksums: bool = False
+    entries: list[tuple[bytes, RecordHeader, bytes]],
+    level: int,
+    record_checksums: bool = False,
+    derive: Optional[ItemTimesDeriver] = None,
 ) -> bytes:
     """
     Lay out (L{reductrai.record.encode_block_v3}) and compress a block as
@@ -104,8 +110,10 @@ def compress_block(
 
     @param entries: C{(key, header, decoded body)} in key order.
     @param record_checksums: keep every record's CRC-32 in the block.
+    @param derive: leave the item time ranges out when this recomputes
+        every one of them (see L{reductrai.record.block_v3_sections}).
     """
-    sections = block_v3_sections(entries, record_checksums)
+    sections = block_v3_sections(entries, record_checksums, derive)
     table, bodies = b"".join(sections[:-1]), sections[-1]
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     stream = compressor.compressobj(size=len(table) + len(bodies))
@@ -238,18 +246,19 @@ class Compactor:
                 continue
             full = buffer.raw_bytes >= options.block_max_bytes
             wide = buffer.last_ns - buffer.first_ns >= options.block_max_seconds * 1e9
-            stale = caught_up and (
-                buffer.raw_bytes >= options.block_min_bytes
-                or buffer.first_ns < now - (options.min_age + options.block_max_seconds) * 1e9
-            )
+            stale = caught_up and buffer.first_ns < now - (options.min_age + options.block_max_seconds) * 1e9
             if force or full or wide or stale:
                 del self._buffers[stream]
                 return self._seal(buffer)
+        if sum(buffer.raw_bytes for buffer in self._buffers.values()) > options.buffer_max_bytes:
+            largest = max(self._buffers.values(), key=lambda buffer: buffer.raw_bytes)
+            del self._buffers[largest.stream]
+            return self._seal(largest)
         return None
 
     def _seal(self, buffer: _Buffer) -> Deferred:
         level = self.options.level
-        d = self._run(compress_block, buffer.entries, level, self.options.record_checksums)
+        d = self._run(compress_block, buffer.entries, level, self.options.record_checksums, derive_item_times)
 
         def compressed(data: bytes):
             first_key, last_key = buffer.entries[0][0], buffer.entries[-1][0]

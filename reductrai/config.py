@@ -96,6 +96,12 @@ FIELDS: tuple[Field, ...] = (
     Field("server", "shutdown_timeout", "float", 10.0,
           "Seconds a stopping daemon (SIGTERM) waits for requests in flight before "
           "it commits and closes the store.", minimum=0),
+    Field("server", "workers", "int", 1,
+          "Processes serving the ingest listeners. With more than 1, the twistd "
+          "process (worker 0) binds the listeners, starts the others, restarts "
+          "one that dies and stops them on SIGTERM; all share the store. The "
+          "admin listeners, the compactor, retention, dictionary training and "
+          "the spool's drain loop run in worker 0 only.", minimum=1, maximum=16),
     Field("proxy", "mode", "str", "",
           "forward: store and forward everything; sample: store everything, forward "
           "all metrics, events and checks and a sample of logs and traces (see the "

@@ -162,6 +162,31 @@ class DictionaryLookup:
         return found
 
 
+class DictionaryData(dict):
+    """
+    Dictionary bytes by id.  When an environment is attached, L{get} reads
+    an id it does not hold from the C{dicts} database: a worker process
+    that does not train learns the dictionaries worker 0 trained.
+    """
+
+    env: Optional[lmdb.Environment] = None
+
+    def get(self, dictionary_id: int, default: Optional[bytes] = None) -> Optional[bytes]:
+        found = super().get(dictionary_id)
+        if found is not None or self.env is None:
+            return found if found is not None else default
+        try:
+            db = self.env.open_db(DICTS_DB, create=False)
+            with self.env.begin(db=db) as txn:
+                value = txn.get(id_key(dictionary_id))
+        except lmdb.Error:
+            return default
+        if value is None:
+            return default
+        found = self[dictionary_id] = decode_dictionary(id_key(dictionary_id), bytes(value)).data
+        return found
+
+
 @attrs.define
 class _StreamState:
     samples: deque = attrs.field(factory=deque)
@@ -179,7 +204,12 @@ class DictionaryManager:
     samples and retrain in a thread.
 
     @ivar trainings: how many dictionaries were trained.
+    @ivar trains: whether this manager collects samples and trains; only
+        one process of a shared environment trains (worker 0), the others
+        follow its dictionaries with L{refresh}.
     """
+
+    trains: bool = True
 
     log = Logger()
 
@@ -208,7 +238,7 @@ class DictionaryManager:
         self._next_id = 1
         self._random = random.Random(0)
         self.trainings = 0
-        self.data: dict[int, bytes] = {}
+        self.data: DictionaryData = DictionaryData()
 
     def load(self, env: lmdb.Environment) -> None:
         """
@@ -232,6 +262,36 @@ class DictionaryManager:
             stored_next = txn.get(NEXT_ID_KEY, db=meta)
             if stored_next is not None:
                 self._next_id = max(self._next_id, _ID.unpack(stored_next)[0])
+
+    def refresh(self, env: lmdb.Environment) -> int:
+        """
+        Follow the dictionaries another process trains: read each stream's
+        current id from C{meta} and install it when it changed, loading its
+        bytes from C{dicts}.  Unknown ids met while decoding are loaded on
+        demand by L{DictionaryData.get}.
+
+        @return: how many streams changed their dictionary.
+        """
+        self.data.env = env
+        changed = 0
+        try:
+            meta = env.open_db(META_DB, create=False)
+        except lmdb.Error:
+            return 0
+        with env.begin(db=meta, buffers=False) as txn:
+            cursor = txn.cursor()
+            currents = []
+            if cursor.set_range(CURRENT_PREFIX):
+                for key, value in cursor:
+                    if not key.startswith(CURRENT_PREFIX):
+                        break
+                    currents.append((key[len(CURRENT_PREFIX) :].decode("utf-8"), _ID.unpack(value)[0]))
+        for stream, dictionary_id in currents:
+            if self.current(stream) == dictionary_id or self.data.get(dictionary_id) is None:
+                continue
+            self._install(stream, dictionary_id)
+            changed += 1
+        return changed
 
     def _state(self, stream: str) -> _StreamState:
         state = self._streams.get(stream)
@@ -269,7 +329,7 @@ class DictionaryManager:
         Keep C{body} as a training sample of C{stream} and start a training
         when the stream is due.
         """
-        if not body:
+        if not body or not self.trains:
             return
         options = self.options
         state = self._state(stream)

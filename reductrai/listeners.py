@@ -108,7 +108,66 @@ def build_endpoint(
             return serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as error:
             raise ListenerError(f"invalid listener {description!r}: {error}") from None
+    port, options, keywords = _ssl_listener(description, default_tls_files, tls_minimum_version, tls_factory)
+    return SSL4ServerEndpoint(
+        reactor,
+        port,
+        options,
+        backlog=int(keywords.get("backlog", 128)),
+        interface=keywords.get("interface", ""),
+    )
 
+
+def is_tls(description: str) -> bool:
+    """
+    Whether an endpoint string is an C{ssl:} listener.
+    """
+    positional, _ = split_description(description)
+    return bool(positional) and positional[0].lower() == "ssl"
+
+
+def adopt_listener(
+    reactor,
+    description: str,
+    fd: int,
+    family: int,
+    factory,
+    default_tls_files: Optional[Callable[[], tuple[str, str]]] = None,
+    tls_minimum_version: str = "1.2",
+    tls_factory: Optional[Callable[[str, str], object]] = None,
+):
+    """
+    Serve C{factory} on a listening socket bound by another process (the
+    worker 0 of L{reductrai.workers}), wrapped in TLS exactly as
+    L{build_endpoint} wraps the listener of C{description}.  The reactor
+    duplicates C{fd}; the caller closes its copy.
+
+    @param family: the socket's address family (C{socket.AF_INET},
+        C{AF_INET6} or C{AF_UNIX}).
+    @return: the listening port.
+    @raise ListenerError: the string is invalid.
+    """
+    if is_tls(description):
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        _, options, _ = _ssl_listener(description, default_tls_files, tls_minimum_version, tls_factory)
+        factory = TLSMemoryBIOFactory(options, False, factory)
+    return reactor.adoptStreamPort(fd, family, factory)
+
+
+def _ssl_listener(
+    description: str,
+    default_tls_files: Optional[Callable[[], tuple[str, str]]],
+    tls_minimum_version: str,
+    tls_factory: Optional[Callable[[str, str], object]],
+) -> tuple[int, object, dict[str, str]]:
+    """
+    Check an C{ssl:} string and build its TLS connection creator.
+
+    @return: C{(port, options, keywords)}.
+    @raise ListenerError: the string is invalid.
+    """
+    positional, keywords = split_description(description)
     if len(positional) != 2:
         raise ListenerError(
             f"invalid listener {description!r}: expected ssl:PORT[:interface=ADDRESS]"
@@ -140,10 +199,4 @@ def build_endpoint(
             options = tls_factory(certificate, private_key)
     except ValueError as error:
         raise ListenerError(f"invalid listener {description!r}: {error}") from None
-    return SSL4ServerEndpoint(
-        reactor,
-        port,
-        options,
-        backlog=int(keywords.get("backlog", 128)),
-        interface=keywords.get("interface", ""),
-    )
+    return port, options, keywords

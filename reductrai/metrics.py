@@ -1,22 +1,113 @@
 """
 The daemon's Prometheus metrics, in a registry of its own.
+
+With several worker processes (C{server.workers}), every worker runs
+prometheus_client in its multiprocess mode (L{enable_multiprocess}): each
+metric value lives in a memory-mapped file of its worker in a private
+directory of the data directory, and C{/metrics} in worker 0 reads all of
+them.  Counters and histograms are summed over the workers, dead and
+restarted ones included (a restarted worker continues its files, since
+the files are named by worker id, not by PID); the gauge
+C{reductrai_connections_open} is summed over the live workers.  The spool's
+gauges describe the shared store and come from worker 0 alone.
+C{reductrai_worker_requests} gives the ingest requests of each worker.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import glob
+import json
+import os
+import re
+import stat
+from typing import Optional
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.mmap_dict import MmapedDict
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "enable_multiprocess", "forget_worker"]
+
+#: Name of the private metrics directory inside the data directory.
+METRICS_DIR = "metrics"
+
+_COUNTER_FILE = re.compile(r"^counter_(\d+)\.db$")
+
+
+def enable_multiprocess(data_dir: str, worker: int, clear: bool = False) -> str:
+    """
+    Put this process's prometheus_client in multiprocess mode, its files
+    named for C{worker}, in the directory L{METRICS_DIR} of C{data_dir}
+    (created with mode 0700).  Call it before the first metric value is
+    created: values made before keep living in memory only.
+
+    @param clear: remove the files of a previous run (worker 0, at start).
+    @return: the directory.
+    """
+    directory = os.path.join(data_dir, METRICS_DIR)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"{directory} is not a directory owned by this user")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+    if clear:
+        for path in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    identifier = str(worker)
+    values.ValueClass = values.MultiProcessValue(lambda: identifier)
+    return directory
+
+
+def forget_worker(directory: str, worker: int) -> None:
+    """
+    Drop the live gauges of a worker that ended, before it is restarted.
+    """
+    multiprocess.mark_process_dead(str(worker), directory)
+
+
+class WorkerRequestsCollector:
+    """
+    C{reductrai_worker_requests}: the ingest requests each worker answered,
+    read from the per-worker counter files at scrape time.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "reductrai_worker_requests", "Ingest requests answered, by worker process.", labels=["worker"]
+        )
+        for path in sorted(glob.glob(os.path.join(self.directory, "counter_*.db"))):
+            match = _COUNTER_FILE.match(os.path.basename(path))
+            if match is None:
+                continue
+            total = 0.0
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(path):
+                if json.loads(key)[1] == "reductrai_requests_total":
+                    total += value
+            family.add_metric([match.group(1)], total)
+        yield family
 
 
 class Metrics:
     """
     Counters and histograms of one daemon, exposed by C{/metrics}.
+
+    @ivar multiprocess_dir: the directory of L{enable_multiprocess} when
+        several workers share the counting, else L{None}.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Optional[str] = None) -> None:
         self._children: dict = {}
+        self._collectors: list = []
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "reductrai_requests",
@@ -85,6 +176,7 @@ class Metrics:
             "Client connections open now, by listener role.",
             ["role"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.admin_auth_failures = Counter(
             "reductrai_admin_auth_failures",
@@ -105,8 +197,25 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def add_collector(self, collector) -> None:
+        """
+        Register a custom collector (one that reads state at scrape time,
+        such as the spool's gauges); in multiprocess mode it is shown
+        beside the workers' summed metrics.
+        """
+        self.registry.register(collector)
+        self._collectors.append(collector)
+
     def render(self) -> bytes:
         """
-        Render every metric in the Prometheus text exposition format.
+        Render every metric in the Prometheus text exposition format; in
+        multiprocess mode, every worker's counters summed.
         """
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        registry.register(WorkerRequestsCollector(self.multiprocess_dir))
+        for collector in self._collectors:
+            registry.register(collector)
+        return generate_latest(registry)

@@ -26,7 +26,7 @@ import json
 import math
 import struct
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import attrs
 import zstandard
@@ -323,19 +323,22 @@ def encode_block(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
     return b"".join(parts + [head for _, head, _ in entries] + [body for _, _, body in entries])
 
 
-def decode_block(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
+def decode_block(data: bytes, derive: Optional[ItemTimesDeriver] = None) -> Iterator[tuple[bytes, bytes, bytes]]:
     """
     Yield C{(key, header bytes, body)} of an uncompressed block built by
     L{encode_block_v3} or L{encode_block} (version 2, still read), in key
     order.  Header bytes are JSON for L{parse_packed_header}.
 
+    @param derive: what recomputes item time ranges for a block flagged
+        L{BLOCK_DERIVED_ITEM_TIMES}; by default the ingest parsers
+        (L{reductrai.itemtimes.derive_item_times}).
     @raise RecordError: the block is malformed.
     """
     if len(data) < _BLOCK_COUNT.size:
         raise RecordError("block is truncated")
     magic, count = _BLOCK_COUNT.unpack_from(data)
     if magic == _BLOCK_MAGIC_V3:
-        yield from _decode_block_v3(data)
+        yield from _decode_block_v3(data, derive)
         return
     if magic != _BLOCK_MAGIC:
         raise RecordError("block has an unknown format")
@@ -375,6 +378,24 @@ BLOCK_RECORD_CHECKSUMS = 0x01
 #: values: whole-millisecond arrival times then cost about 10 bits a record
 #: where their nanosecond form costs 30.
 BLOCK_SCALED_TIMES = 0x02
+#: Block flag: the item time columns are empty; reading the block
+#: recomputes each record's item time range from its body
+#: (L{reductrai.itemtimes}).  The compactor sets it only when that
+#: reproduces every record's range exactly.
+BLOCK_DERIVED_ITEM_TIMES = 0x04
+_BLOCK_FLAGS = BLOCK_RECORD_CHECKSUMS | BLOCK_SCALED_TIMES | BLOCK_DERIVED_ITEM_TIMES
+
+#: Recomputes a record's C{(item_min_ns, item_max_ns)} from its header
+#: fields and body, or returns L{None} when it cannot.
+ItemTimesDeriver = Callable[[Mapping, bytes], Optional[tuple[Optional[int], Optional[int]]]]
+
+
+def _default_deriver() -> ItemTimesDeriver:
+    # Imported on first use: the parsers behind it import this module's
+    # neighbours, and most readers never meet a derived block.
+    from reductrai.itemtimes import derive_item_times
+
+    return derive_item_times
 #: Header fields a version 3 block keeps in columns instead of in the
 #: deduplicated header shapes, because they vary from record to record.
 _COLUMN_FIELDS = ("received_ns", "size", "crc32", "wire_size", "items", "item_min_ns", "item_max_ns")
@@ -475,7 +496,11 @@ def block_crcs(crcs: Iterable[int]) -> int:
     return digest
 
 
-def block_v3_sections(entries: list[tuple[bytes, RecordHeader, bytes]], record_checksums: bool = False) -> list[bytes]:
+def block_v3_sections(
+    entries: list[tuple[bytes, RecordHeader, bytes]],
+    record_checksums: bool = False,
+    derive: Optional[ItemTimesDeriver] = None,
+) -> list[bytes]:
     """
     Lay out records for packing, before compression (block version 3), as
     sections whose concatenation is the block; the last is the bodies.
@@ -506,6 +531,10 @@ def block_v3_sections(entries: list[tuple[bytes, RecordHeader, bytes]], record_c
         header's C{size} and C{crc32} must describe its body.
     @param record_checksums: keep each record's CRC-32 (4 bytes a record)
         rather than one digest of them for the whole block.
+    @param derive: when given and it reproduces the item time range of
+        every record that has items (and no record without items has
+        one), the item time columns are left empty and the block is
+        flagged L{BLOCK_DERIVED_ITEM_TIMES}.
     @return: the sections of the uncompressed block.
     @raise RecordError: a body does not match its header's size, or the
         records are not in key order.
@@ -542,6 +571,9 @@ def block_v3_sections(entries: list[tuple[bytes, RecordHeader, bytes]], record_c
         min_offsets.append(None if header.item_min_ns is None else header.item_min_ns - time_ns)
         base = header.item_min_ns if header.item_min_ns is not None else time_ns
         max_offsets.append(None if header.item_max_ns is None else header.item_max_ns - base)
+    derived = derive is not None and _derivable(entries, derive)
+    if derived:
+        min_offsets = max_offsets = [None] * len(entries)
     scales = bytearray()
     time_scale = _scale_of(times)
     times[:] = [delta // time_scale for delta in times]
@@ -557,11 +589,27 @@ def block_v3_sections(entries: list[tuple[bytes, RecordHeader, bytes]], record_c
     shape_count = bytearray()
     _put_varint(shape_count, len(shapes))
     flags = (BLOCK_RECORD_CHECKSUMS if record_checksums else 0) | BLOCK_SCALED_TIMES
+    if derived:
+        flags |= BLOCK_DERIVED_ITEM_TIMES
     return (
         [_BLOCK_V3_HEAD.pack(_BLOCK_MAGIC_V3, flags, len(entries)) + bytes(shape_count) + bytes(table) + bytes(scales)]
         + [_planes(column) for column in columns]
         + [checks, b"".join(body for _, _, body in entries)]
     )
+
+
+def _derivable(entries: list[tuple[bytes, RecordHeader, bytes]], derive: ItemTimesDeriver) -> bool:
+    for _, header, body in entries:
+        stored = (header.item_min_ns, header.item_max_ns)
+        if header.items is None:
+            if stored != (None, None):
+                return False
+            continue
+        fields = {"path": header.path, "content_type": header.content_type, "query": header.query,
+                  "headers": header.headers}
+        if derive(fields, body) != stored:
+            return False
+    return True
 
 
 def encode_block_v3(entries: list[tuple[bytes, RecordHeader, bytes]], record_checksums: bool = False) -> bytes:
@@ -572,11 +620,11 @@ def encode_block_v3(entries: list[tuple[bytes, RecordHeader, bytes]], record_che
     return b"".join(block_v3_sections(entries, record_checksums))
 
 
-def _decode_block_v3(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
+def _decode_block_v3(data: bytes, derive: Optional[ItemTimesDeriver]) -> Iterator[tuple[bytes, bytes, bytes]]:
     if len(data) < _BLOCK_V3_HEAD.size:
         raise RecordError("block is truncated")
     _, flags, count = _BLOCK_V3_HEAD.unpack_from(data)
-    if flags & ~(BLOCK_RECORD_CHECKSUMS | BLOCK_SCALED_TIMES):
+    if flags & ~_BLOCK_FLAGS:
         raise RecordError(f"block has unknown flags {flags:#04x}")
     view = memoryview(data)
     reader = _VarintReader(view, _BLOCK_V3_HEAD.size)
@@ -593,6 +641,7 @@ def _decode_block_v3(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
             raise RecordError("block has a zero time scale")
     times, sequences, shape_column, lengths, wire, items, item_min, item_max = (reader.column(count) for _ in range(8))
     record_checksums = bool(flags & BLOCK_RECORD_CHECKSUMS)
+    derived = bool(flags & BLOCK_DERIVED_ITEM_TIMES)
     if record_checksums:
         checks = struct.unpack(f">{count}I", reader.take(4 * count))
     else:
@@ -621,10 +670,18 @@ def _decode_block_v3(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
         fields["wire_size"] = len(body) + _unzigzag(wire[index])
         if items[index]:
             fields["items"] = items[index] - 1
-        item_min_ns = _from_optional(item_min[index], time_ns, min_scale)
+        if derived and items[index]:
+            if derive is None:
+                derive = _default_deriver()
+            times_of = derive(fields, body)
+            if times_of is None:
+                raise RecordError("block item times cannot be recomputed from a record's body")
+            item_min_ns, item_max_ns = times_of
+        else:
+            item_min_ns = _from_optional(item_min[index], time_ns, min_scale)
+            item_max_ns = _from_optional(item_max[index], item_min_ns if item_min_ns is not None else time_ns, max_scale)
         if item_min_ns is not None:
             fields["item_min_ns"] = item_min_ns
-        item_max_ns = _from_optional(item_max[index], item_min_ns if item_min_ns is not None else time_ns, max_scale)
         if item_max_ns is not None:
             fields["item_max_ns"] = item_max_ns
         yield (

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,8 +21,8 @@ from reductrai import __version__
 from reductrai.admin import admin_root
 from reductrai.config import UPSTREAM_KEYS, Settings
 from reductrai.forward import Forwarder
-from reductrai.listeners import ListenerError, build_endpoint
-from reductrai.metrics import Metrics
+from reductrai.listeners import ListenerError, adopt_listener, build_endpoint
+from reductrai.metrics import Metrics, enable_multiprocess
 from reductrai.request import IngestSite, QuietSite
 from reductrai.resource import IngestResource
 from reductrai.store import RecordStore, StoreOptions
@@ -32,6 +32,11 @@ from reductrai.limits import ClientRateLimiter, ConnectionLimits, IngestGuard
 from reductrai.reload import Reloader, reread_secrets
 from reductrai.tls import TLSManager, plain_http_upstreams
 from reductrai.vendors.registry import default_router
+
+
+#: Seconds between two reads of worker 0's current dictionaries in the
+#: other workers.
+DICTIONARY_REFRESH_INTERVAL = 3.0
 
 
 class StartupError(Exception):
@@ -77,10 +82,25 @@ class ReductraiService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor=None, exit_on_startup_error: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor=None,
+        exit_on_startup_error: bool = False,
+        worker: int = 0,
+        inherited: Optional[list[dict]] = None,
+        config_path: Optional[str] = None,
+    ) -> None:
         """
         @param exit_on_startup_error: print a L{StartupError} and exit with
             status 1 instead of raising it (what C{twistd} wants).
+        @param worker: the id of this process among C{server.workers}; 0
+            binds the listeners and starts the others (L{reductrai.worker}).
+        @param inherited: for a worker other than 0, the listening sockets
+            it inherited: C{{"description", "fd", "family"}} each, in the
+            order of C{server.listen}.
+        @param config_path: the configuration file the settings came from,
+            which the other workers read their secrets from again.
         """
         super().__init__()
         self._exit_on_startup_error = exit_on_startup_error
@@ -91,7 +111,26 @@ class ReductraiService(service.MultiService):
         self.reactor = reactor
         self.settings = settings
         self.mode = settings.effective_mode
-        self.metrics = Metrics()
+        self.worker = worker
+        self.workers = settings["server.workers"]
+        self._inherited = inherited or []
+        self._config_path = config_path
+        self._data_dir = os.path.abspath(settings["server.data_dir"])
+        self._early_error: Optional[StartupError] = None
+        metrics_dir = None
+        if self.workers > 1:
+            # Before the first metric value exists (see reductrai.metrics).
+            try:
+                prepare_data_dir(self._data_dir)
+                metrics_dir = enable_multiprocess(self._data_dir, worker, clear=worker == 0)
+            except StartupError as error:
+                self._early_error = error
+            except OSError as error:
+                self._early_error = StartupError(f"cannot prepare the metrics directory: {error}")
+        self.metrics = Metrics(metrics_dir)
+        self.pool = None
+        self._loops: list = []
+        self._spool_mirror = None
         self.store: Optional[RecordStore] = None
         self.forwarder: Optional[Forwarder] = None
         self.sampling = None
@@ -103,7 +142,6 @@ class ReductraiService(service.MultiService):
         self.ports: list = []
         self.admin_ports: list = []
         self.started_at = time.monotonic()
-        self._data_dir = os.path.abspath(settings["server.data_dir"])
 
     def readiness(self) -> tuple[bool, str]:
         """
@@ -142,6 +180,8 @@ class ReductraiService(service.MultiService):
         report_startup_error(error)
 
     def _bind(self) -> None:
+        if self._early_error is not None:
+            raise self._early_error
         prepare_data_dir(self._data_dir)
         settings = self.settings
         if self.mode != "forward-only":
@@ -156,6 +196,9 @@ class ReductraiService(service.MultiService):
                 ),
                 self.reactor,
             )
+            self.store.worker = self.worker
+            self.store.shared = self.workers > 1
+            self.store.dictionaries.trains = self.worker == 0
         if self.mode in ("forward", "sample", "forward-only"):
             try:
                 self.forwarder = Forwarder(
@@ -202,10 +245,30 @@ class ReductraiService(service.MultiService):
         admin_site.noisy = False
         ingest_site.noisy = False
 
+        if self.worker > 0:
+            for inherited in self._inherited:
+                self.ports.append(self._adopt(inherited, ingest_site))
+            return
         for description in settings["server.listen"]:
             self.ports.append(self._listen(description, ingest_site, "ingest"))
         for description in settings["server.admin_listen"]:
             self.admin_ports.append(self._listen(description, admin_site, "admin"))
+
+    def _adopt(self, inherited: dict, site):
+        """
+        Serve C{site} on a listening socket inherited from worker 0.
+        """
+        description = inherited["description"]
+        try:
+            port = adopt_listener(
+                self.reactor, description, inherited["fd"], inherited["family"], site,
+                self._tls_files, self.settings["server.tls_minimum_version"],
+                tls_factory=self.tls.factory("ingest"),
+            )
+        except (ListenerError, OSError) as error:
+            raise StartupError(f"cannot adopt listener {description!r}: {error}") from None
+        os.close(inherited["fd"])
+        return port
 
     def _listen(self, description: str, site, role: str):
         try:
@@ -239,6 +302,8 @@ class ReductraiService(service.MultiService):
         super().startService()
         self.tls.start()
         self.reloader.install()
+        if self.workers > 1 and self.worker == 0:
+            self._start_workers()
         upstreams = [f"{key}={self.settings[key]}" for key in UPSTREAM_KEYS if self.settings[key]]
         upstream = ", ".join(upstreams) if upstreams else "none"
         if self.mode == "sample":
@@ -255,7 +320,42 @@ class ReductraiService(service.MultiService):
         self.log.info(
             "reductrai {version} started in {mode} mode, {detail}; upstream: {upstream}; data in {data_dir}",
             version=__version__, mode=self.mode, detail=detail, upstream=upstream, data_dir=self._data_dir,
+            worker=self.worker,
         )
+
+    def _start_workers(self) -> None:
+        """
+        Start workers 1 to C{server.workers - 1} on this process's ingest
+        listeners (see L{reductrai.worker}).
+        """
+        from reductrai.metrics import forget_worker
+        from reductrai.worker import WorkerPool, listener_specs, settings_overrides
+
+        specs, child_fds = listener_specs(self.settings["server.listen"], self.ports)
+        overrides = settings_overrides(self.settings)
+
+        def start_line(worker: int) -> dict:
+            return {"worker": worker, "config": self._config_path, "overrides": overrides, "listeners": specs}
+
+        metrics_dir = self.metrics.multiprocess_dir
+        self.pool = WorkerPool(
+            self.reactor, self.workers, start_line, child_fds,
+            stop_timeout=self.settings["server.shutdown_timeout"] + 10.0,
+            on_worker_ended=lambda worker: forget_worker(metrics_dir, worker),
+        )
+        self.reloader.add("worker processes", lambda: self.pool.signal_all("HUP"))
+        self.pool.startService()
+
+    def _every(self, interval: float, action) -> None:
+        """
+        Run C{action} every C{interval} seconds until the service stops.
+        """
+        loop = task.LoopingCall(action)
+        loop.clock = self.reactor
+        loop.start(interval, now=False).addErrback(
+            lambda failure: self.log.failure("Periodic task failed", failure)
+        )
+        self._loops.append(loop)
 
     def _start_store_services(self) -> None:
         """
@@ -268,6 +368,10 @@ class ReductraiService(service.MultiService):
         settings = self.settings
         if self.forwarder is not None:
             self._start_spool()
+        if self.worker > 0:
+            # Worker 0 trains, compacts and enforces retention for all.
+            self._every(DICTIONARY_REFRESH_INTERVAL, lambda: self.store.dictionaries.refresh(self.store.env))
+            return
         self.compactor = Compactor(
             self.store, self.reactor,
             CompactorOptions(min_age=settings["storage.compact_after"], level=settings["storage.block_level"]),
@@ -293,8 +397,15 @@ class ReductraiService(service.MultiService):
         self.spool = Spool(
             self.store, self.forwarder, self.reactor,
             SpoolOptions.from_settings(settings, upstream_timeout=settings["upstream.timeout"]), keybox,
+            worker=self.worker, drains=self.worker == 0,
         )
-        self.metrics.registry.register(self.spool.metrics_collector())
+        if self.workers > 1:
+            from reductrai.spool.drain import SpoolCounterMirror
+
+            self._spool_mirror = SpoolCounterMirror(self.spool)
+            self._every(1.0, self._spool_mirror.sync)
+        if self.worker == 0:
+            self.metrics.add_collector(self.spool.metrics_collector(counters=self.workers == 1))
         self.ingest_resource.spool = self.spool
         self.spool.start()
 
@@ -328,6 +439,11 @@ class ReductraiService(service.MultiService):
         if getattr(self, "tls", None) is not None:
             self.tls.stop()
             self.reloader.uninstall()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        workers_stopped = self.pool.stopService() if self.pool is not None else defer.succeed(None)
         closing = [defer.maybeDeferred(port.stopListening) for port in self.ports + self.admin_ports]
         d = defer.DeferredList(closing)
         if self.ingest_resource is not None:
@@ -337,6 +453,11 @@ class ReductraiService(service.MultiService):
                 d.addCallback(lambda _, worker=worker: worker.stop())
         if self.forwarder is not None:
             d.addCallback(lambda _: self.forwarder.close())
+        if self._spool_mirror is not None:
+            d.addCallback(lambda _: self._spool_mirror.sync())
+        # The store closes once every worker has stopped, so that worker 0
+        # is the last writer of the environment.
+        d.addCallback(lambda _: workers_stopped)
         if self.store is not None:
             d.addCallback(lambda _: self.store.close())
         return d

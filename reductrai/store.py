@@ -44,15 +44,23 @@ from reductrai.dictionaries import DICTS_DB, DictionaryLookup, DictionaryManager
 from reductrai.indexes import INDEX_DB, INDEX_REV_DB, index_ops, summary_of
 from reductrai.record import (
     KEY_SIZE,
+    KEY_TIME_UNIT_NS,
     RecordCodec,
     RecordError,
     RecordHeader,
     decode_block,
-    KEY_TIME_UNIT_NS,
     make_key,
     parse_header,
     parse_packed_header,
+    split_key,
 )
+
+#: Bits of a key's 4-byte sequence number that count records of one
+#: worker; the bits above them hold the worker id.
+SEQUENCE_BITS = 28
+SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
+WORKER_BITS = 32 - SEQUENCE_BITS
+MAX_WORKERS = 1 << WORKER_BITS
 
 RECORDS_DB = b"records"
 META_DB = b"meta"
@@ -166,9 +174,14 @@ class RecordStore:
         Open the environment and start the periodic sync, if configured.
         """
         durable = self.options.durability == "fsync"
-        self.env = open_environment(self.options.path, self.options.map_size, sync=durable)
+        # Several processes that grew the map one after the other would
+        # each see MDB_MAP_RESIZED at their next transaction, readers
+        # included; the map is only address space until pages are written,
+        # so shared environments take the maximum at once.
+        wanted = self.options.max_map_size if self.shared else self.options.map_size
+        self.env = open_environment(self.options.path, wanted, sync=durable)
         info = self.env.info()
-        self.map_size = max(info["map_size"], self.options.map_size)
+        self.map_size = max(info["map_size"], wanted)
         self._records = self.env.open_db(RECORDS_DB)
         self._databases = {RECORDS_DB: self._records}
         with self.env.begin(write=True) as txn:
@@ -213,12 +226,23 @@ class RecordStore:
 
         return waiting.addCallback(finish)
 
+    #: The worker process that writes through this store (0 to
+    #: C{MAX_WORKERS - 1}); its id is the high bits of every key's sequence
+    #: number, so that keys stay unique when several processes write.
+    worker: int = 0
+    #: Whether other processes write the same environment (C{server.workers}
+    #: above 1): keys of another worker may be greater than this one's, so
+    #: commits cannot use LMDB's append mode, and the map is opened at its
+    #: maximum size so that no process has to grow it under the others.
+    shared: bool = False
+
     def next_key(self) -> bytes:
         """
         Return a fresh key, greater than every key this store returned
         before: the arrival time in whole milliseconds (kept in the key's
         nanosecond field, never going back when the clock does) and the
-        next sequence number.
+        next sequence number, whose top L{WORKER_BITS} bits are the
+        L{worker} id.
 
         Millisecond arrival times cost a packed block about 1.3 bytes a
         record where nanoseconds cost about 4 (see BENCHMARKS.md); the
@@ -227,12 +251,12 @@ class RecordStore:
         now = self._clock_ns() // KEY_TIME_UNIT_NS * KEY_TIME_UNIT_NS
         if now < self._last_ns:
             now = self._last_ns
-        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+        self._sequence = (self._sequence + 1) & SEQUENCE_MASK
         if self._sequence == 0 and now == self._last_ns:
             # The sequence wrapped within one millisecond: move on by one.
             now += KEY_TIME_UNIT_NS
         self._last_ns = now
-        return make_key(now, self._sequence)
+        return make_key(now, (self.worker << SEQUENCE_BITS) | self._sequence)
 
     def _dictionary_bytes(self, dictionary_id: int) -> Optional[bytes]:
         return self.dictionaries.data.get(dictionary_id)
@@ -339,11 +363,13 @@ class RecordStore:
                 d.errback(StoreClosed("the store closed before the record was committed"))
             return
         opened_before = set(self._databases)
+        resized = False
         while True:
             try:
                 with self.env.begin(write=True, db=self._records) as txn:
+                    append = not self.shared
                     for key, value, _ in batch:
-                        txn.put(key, value, append=True)
+                        txn.put(key, value, append=append)
                     for operations, _ in ops:
                         for op, db_name, key, value in operations:
                             db = self.database(db_name, txn)
@@ -352,6 +378,17 @@ class RecordStore:
                             else:
                                 txn.delete(key, db=db)
                 break
+            except lmdb.MapResizedError as error:
+                # Another process grew the map: adopt its size and retry once.
+                for name in set(self._databases) - opened_before:
+                    del self._databases[name]
+                if resized:
+                    failure = StoreError(f"commit failed: {error}")
+                    for d in waiting:
+                        d.errback(failure)
+                    return
+                resized = True
+                self.adopt_map_size()
             except lmdb.MapFullError:
                 # A database opened inside the aborted transaction is invalid.
                 for name in set(self._databases) - opened_before:
@@ -397,6 +434,16 @@ class RecordStore:
         )
         self.map_size = new_size
         return True
+
+    def adopt_map_size(self) -> None:
+        """
+        Take the map size another process of a shared environment set
+        (LMDB's C{mdb_env_set_mapsize(0)}); called on C{MDB_MAP_RESIZED}.
+        """
+        self.env.set_mapsize(0)
+        old, self.map_size = self.map_size, max(self.env.info()["map_size"], self.map_size)
+        if self.map_size != old:
+            self.log.info("Adopted the store map size {new} bytes set by another process", new=self.map_size)
 
     def _sync_in_thread(self) -> Optional[Deferred]:
         if self.env is None or self._sync_in_flight is not None:
@@ -532,18 +579,51 @@ class BlockInfo:
     created_ns: int
 
     def to_value(self) -> bytes:
-        document = attrs.asdict(self)
-        del document["key"]
-        document["first_key"] = self.first_key.hex()
-        document["last_key"] = self.last_key.hex()
-        return json.dumps(document, separators=(",", ":")).encode("utf-8")
+        """
+        Serialise the entry as its binary value (L{_BLOCK_INFO}, 71
+        bytes).  The stream, the first record key and both arrival times
+        are not repeated: the block key and the record keys hold them.
+        """
+        present = (self.item_min_ns is not None) | (self.item_max_ns is not None) << 1
+        return _BLOCK_INFO.pack(
+            _BLOCK_INFO_VERSION, self.last_key, self.crc32, self.level, present, self.records, self.items,
+            self.raw_bytes, self.stored_bytes, self.created_ns, self.item_min_ns or 0, self.item_max_ns or 0,
+        )
 
     @classmethod
     def from_value(cls, key: bytes, value: bytes) -> "BlockInfo":
-        document = json.loads(bytes(value))
-        document["first_key"] = bytes.fromhex(document["first_key"])
-        document["last_key"] = bytes.fromhex(document["last_key"])
-        return cls(key=bytes(key), **document)
+        """
+        Read an entry written by L{to_value}, or the JSON object that
+        earlier versions wrote.
+
+        @raise RecordError: the value is neither.
+        """
+        value = bytes(value)
+        key = bytes(key)
+        stream, first_key = split_block_key(key)
+        if value[:1] == b"{":
+            document = json.loads(value)
+            document["first_key"] = bytes.fromhex(document["first_key"])
+            document["last_key"] = bytes.fromhex(document["last_key"])
+            return cls(key=key, **document)
+        if len(value) != _BLOCK_INFO.size or value[0] != _BLOCK_INFO_VERSION:
+            raise RecordError("block index entry is invalid")
+        (_, last_key, crc32, level, present, records, items, raw_bytes, stored_bytes, created_ns, item_min_ns,
+         item_max_ns) = _BLOCK_INFO.unpack(value)
+        return cls(
+            key=key, stream=stream, first_key=first_key, last_key=last_key, first_ns=split_key(first_key)[0],
+            last_ns=split_key(last_key)[0], records=records, items=items,
+            item_min_ns=item_min_ns if present & 1 else None, item_max_ns=item_max_ns if present & 2 else None,
+            raw_bytes=raw_bytes, stored_bytes=stored_bytes, level=level, crc32=crc32, created_ns=created_ns,
+        )
+
+
+#: A block index entry: version, last record key, CRC-32 of the stored
+#: bytes, zstd level, which item times are set (bit 0 min, bit 1 max),
+#: records, items, raw bytes, stored bytes, creation time and the item time
+#: range (nanoseconds).
+_BLOCK_INFO = struct.Struct(">B12sIbBIQQQqqq")
+_BLOCK_INFO_VERSION = 2
 
 
 @attrs.frozen

@@ -37,6 +37,7 @@ class Options(usage.Options):
         ["tls-private-key", None, None, "PEM private key for ssl: listeners (server.tls_private_key)."],
         ["ca-bundle", None, None, "CA bundle for verifying upstream TLS (upstream.ca_bundle)."],
         ["log-format", None, None, "Log format: text or json, one JSON object a line (log.format)."],
+        ["workers", None, None, "Processes serving the ingest listeners (server.workers)."],
     ]
 
     def __init__(self) -> None:
@@ -80,6 +81,7 @@ class Options(usage.Options):
             "log.format": self["log-format"],
             "server.listen": self["listen"] or None,
             "server.admin_listen": self["admin-listen"] or None,
+            "server.workers": self["workers"],
         }
 
 
@@ -95,9 +97,36 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ReductraiSer
     except ConfigError as error:
         sys.stderr.write(f"reductrai: invalid configuration: {error}\n")
         raise SystemExit(2)
-    daemon = ReductraiService(settings, reactor, exit_on_startup_error=True)
+    daemon = ReductraiService(settings, reactor, exit_on_startup_error=True, config_path=options["config"])
     if settings["log.format"] == "json":
         from reductrai.logformat import use_on_application
 
         use_on_application(daemon)
+        if settings["server.workers"] > 1:
+            _tag_worker_zero(daemon)
     return daemon
+
+
+def _tag_worker_zero(daemon: ReductraiService) -> None:
+    """
+    Give worker 0's own JSON log lines the C{worker} field that the other
+    workers' relayed lines carry.
+    """
+    from twisted.logger import ILogObserver
+    from twisted.python.components import Componentized
+
+    original = daemon.setServiceParent
+
+    def setServiceParent(parent):
+        result = original(parent)
+        observer = parent.getComponent(ILogObserver, None) if isinstance(parent, Componentized) else None
+        if observer is not None:
+
+            def tagged(event: dict) -> None:
+                event.setdefault("worker", 0)
+                observer(event)
+
+            parent.setComponent(ILogObserver, tagged)
+        return result
+
+    daemon.setServiceParent = setServiceParent

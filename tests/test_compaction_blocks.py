@@ -15,10 +15,13 @@ import attrs
 import pytest
 import pytest_twisted
 import zstandard
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from reductrai.compactor import Compactor, CompactorOptions, compress_block
+from reductrai.formats.items import LOG, Item
+from reductrai.itemtimes import derive_item_times
 from reductrai.record import (
+    BLOCK_DERIVED_ITEM_TIMES,
     BLOCK_SCALED_TIMES,
     RecordError,
     RecordHeader,
@@ -267,3 +270,95 @@ def test_compress_block_frame_checks_content() -> None:
     frame[len(frame) // 2] ^= 0xFF
     with pytest.raises(zstandard.ZstdError):
         zstandard.ZstdDecompressor().decompress(bytes(frame))
+
+
+@pytest.mark.parametrize("item_times", [(None, None), (1_795_999_000 * 10**9, None), (-5, 1_796_000_100 * 10**9)])
+def test_block_index_entry_round_trip(item_times) -> None:
+    """
+    A block index entry reads back equal from its binary value, which is
+    a fraction of the JSON that earlier versions wrote; that JSON still
+    reads back too.
+    """
+    first_key, last_key = make_key(1_796_000_000 * 10**9, 7), make_key(1_796_003_600 * 10**9, 99)
+    info = BlockInfo(
+        key=block_key("loki/logs", first_key), stream="loki/logs", first_key=first_key, last_key=last_key,
+        first_ns=1_796_000_000 * 10**9, last_ns=1_796_003_600 * 10**9, records=93, items=12_345_678_901,
+        item_min_ns=item_times[0], item_max_ns=item_times[1], raw_bytes=4 << 20, stored_bytes=123_456,
+        level=-5, crc32=0xFFFFFFFF, created_ns=1_796_004_000 * 10**9,
+    )
+    value = info.to_value()
+    assert BlockInfo.from_value(info.key, value) == info
+    document = attrs.asdict(info)
+    del document["key"]
+    document.update(first_key=first_key.hex(), last_key=last_key.hex())
+    earlier = json.dumps(document, separators=(",", ":")).encode()
+    assert BlockInfo.from_value(info.key, earlier) == info
+    assert len(value) * 4 < len(earlier)
+    with pytest.raises(RecordError):
+        BlockInfo.from_value(info.key, value[:-1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_buffer_budget_seals_the_largest_stream_first(tmp_path: Path) -> None:
+    """
+    Caught up, the compactor keeps filling each stream's buffer; once the
+    buffers together pass C{buffer_max_bytes} it seals the largest one and
+    keeps the others for more records.
+    """
+    store = RecordStore(StoreOptions(path=str(tmp_path / "store"), durability="none"), reactor)
+    store.open()
+    try:
+        sizes = {"logs": 3000, "metrics": 1000, "events": 500}
+        for kind, size in sizes.items():
+            for n in range(4):
+                await store.append(fields(kind, n), json.dumps({"n": n, "pad": "y" * size}).encode())
+        options = CompactorOptions(min_age=0, buffer_max_bytes=12_000)
+        compactor = Compactor(store, reactor, options, run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+        assert compactor.run_slice(min_age=0) is True
+        raw = {buffer.stream: buffer.raw_bytes for buffer in compactor._buffers.values()}
+        assert sum(raw.values()) > options.buffer_max_bytes
+        info = await compactor._seal_due(force=False, caught_up=True)
+        assert info.stream == "datadog/logs" and info.records == 4
+        assert set(buffer.stream for buffer in compactor._buffers.values()) == {"datadog/metrics", "datadog/events"}
+        assert sum(buffer.raw_bytes for buffer in compactor._buffers.values()) <= options.buffer_max_bytes
+        assert compactor._seal_due(force=False, caught_up=True) is None
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_compactor_leaves_out_item_times_its_parsers_recompute(tmp_path: Path) -> None:
+    """
+    Records whose item time ranges the parsers reproduce from the body
+    are packed without them, flagged so, and read back with the same
+    ranges; one record whose stored range differs keeps the columns.
+    """
+    store = RecordStore(StoreOptions(path=str(tmp_path / "store"), durability="none"), reactor)
+    store.open()
+    try:
+        logs = {"vendor": "datadog", "kind": "logs", "route": "logs_v2", "method": "POST", "path": "/api/v2/logs",
+                "query": "", "content_type": "application/json", "content_encoding": None, "wire_size": 1,
+                "headers": [["user-agent", "t"]]}
+        bodies = [json.dumps([{"message": f"m{n}", "timestamp": 1_796_000_000_123 + n * 7}]).encode() for n in range(6)]
+        keys = []
+        for body in bodies:
+            items = [Item(kind=LOG, index=0, timestamp_ns=json.loads(body)[0]["timestamp"] * 10**6, message="m")]
+            keys.append(await store.append(logs, body, items=items))
+        await Compactor(store, reactor, CompactorOptions(min_age=0)).compact_all()
+        view = store.view()
+        with view.begin() as txn:
+            headers = [view.decode(view.get(txn, key))[0] for key in keys]
+            block = next(iter(txn.cursor(db=view.handles[BLOCK_DATA_DB])))[1]
+        layout = zstandard.ZstdDecompressor().decompress(block)
+        assert layout[4] & BLOCK_DERIVED_ITEM_TIMES
+        assert [h.item_min_ns for h in headers] == [(1_796_000_000_123 + n * 7) * 10**6 for n in range(6)]
+        assert [h.item_max_ns for h in headers] == [h.item_min_ns for h in headers]
+
+        entries = [(key, header, body) for key, header, body in zip(keys, headers, bodies)]
+        entries[2] = (keys[2], attrs.evolve(headers[2], item_min_ns=headers[2].item_min_ns - 1), bodies[2])
+        sections = block_v3_sections(entries, derive=derive_item_times)
+        assert not sections[0][4] & BLOCK_DERIVED_ITEM_TIMES
+        rows = list(decode_block(b"".join(sections)))
+        assert parse_packed_header(rows[2][1], rows[2][0], rows[2][2]).item_min_ns == headers[2].item_min_ns - 1
+    finally:
+        await store.close()

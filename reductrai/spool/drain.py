@@ -19,6 +19,18 @@ Contract with the ingest resource:
      rate limit, reading LMDB in bounded batches.
 
 After a restart nothing is live: every pending entry is eligible at once.
+
+With several worker processes (C{server.workers}), every worker accepts,
+spools and forwards live, but only worker 0 drains (C{drains=True}).  An
+entry id carries the id of the worker that created it
+(L{reductrai.spool.entries.entry_worker}); worker 0 knows only its own
+live entries, so it leaves an entry of another worker alone until
+C{live_grace} seconds (the upstream timeout plus a margin) have passed
+since the entry's creation time: by then that worker's live forward has
+ended, successfully (the entry is deleted) or not (the entry is left to
+the drain loop).  An entry is thus never lost, and in the normal path
+never sent twice; an entry whose worker died, or whose live forward
+failed, waits for the rest of its grace before worker 0 sends it.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from reductrai.spool.entries import (
     encode_entry,
     entry_id_to_text,
     entry_time_ns,
+    entry_worker,
     make_entry_id,
     upstream_id,
 )
@@ -151,6 +164,8 @@ class Spool:
         clock_ns: Optional[Callable[[], int]] = None,
         rng: Callable[[], float] = random.random,
         add_credentials: Optional[Callable[[str, Headers], None]] = None,
+        worker: int = 0,
+        drains: bool = True,
     ) -> None:
         """
         @param store: an open-able L{reductrai.store.RecordStore}; it must be
@@ -162,7 +177,14 @@ class Spool:
         @param add_credentials: called with the upstream base URL and the
             headers of an entry that has no sealed credentials (a dead
             letter sent again) to add the configured ones.
+        @param worker: the id of this worker process, put in every entry id
+            it creates.
+        @param drains: whether this process runs the drain loop; the other
+            workers of a shared store only accept, forward live and settle,
+            and worker 0 drains what they leave (see the module docstring).
         """
+        self.worker = worker
+        self.drains = drains
         self.store = store
         self.forwarder = forwarder
         self.reactor = reactor
@@ -245,6 +267,10 @@ class Spool:
         value = encode_entry(meta, sealed)
         body = self._codec.encode(wire_body)
         deadline = self.reactor.seconds() + self.options.live_grace
+        if not self.drains:
+            # No drain loop expires live entries here; one whose settle never
+            # came must not stay in memory.
+            self._expire_live(deadline - self.options.live_grace)
         self._live[entry_id] = deadline
         # Not before the store's group commit at the end of this turn.
         self._wake(max(deadline, self.reactor.seconds() + 0.001))
@@ -258,7 +284,15 @@ class Spool:
         only wait for the failure, so the accept path leaves the request
         to the drain loop, which probes the upstream.
         """
-        return self._upstream_for(upstream_base).circuit.state == OPEN
+        circuit = self._upstream_for(upstream_base).circuit
+        if self.drains or circuit.state == CLOSED:
+            return circuit.state == OPEN
+        # Without a drain loop here, a live forward is the probe once the
+        # open delay has passed; its settle closes or reopens the circuit.
+        if circuit.allows(self.reactor.seconds()):
+            circuit.sending()
+            return False
+        return True
 
     def release(self, entry_id: bytes) -> None:
         """
@@ -274,6 +308,9 @@ class Spool:
         failed): it was never accepted, so it is not delivered.
         """
         self._live.pop(entry_id, None)
+        up = self._upstreams.get(entry_id[:UPSTREAM_ID_SIZE])
+        if up is not None and not self.drains:
+            up.circuit.aborted()
 
     def settle(self, entry_id: bytes, status: Optional[int], retry_after: Optional[float] = None) -> None:
         """
@@ -464,12 +501,15 @@ class Spool:
                 found = cursor.next()
         return counted
 
-    def metrics_collector(self) -> "SpoolCollector":
+    def metrics_collector(self, counters: bool = True) -> "SpoolCollector":
         """
         Return a Prometheus collector of the spool's gauges and counters,
         to register in the daemon's C{CollectorRegistry}.
+
+        @param counters: whether it shows the counters (see
+            L{SpoolCollector}).
         """
-        return SpoolCollector(self)
+        return SpoolCollector(self, counters)
 
     # Reading the databases
 
@@ -555,7 +595,17 @@ class Spool:
             now = self._last_ns + 1
         self._last_ns = now
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
-        return make_entry_id(prefix, now, self._sequence)
+        return make_entry_id(prefix, now, self._sequence, self.worker)
+
+    def _owned_by_another_live_worker(self, key: bytes) -> bool:
+        """
+        Whether an entry was created by another worker less than
+        C{live_grace} seconds ago: its live forward may still be running
+        there, so the drain loop must not send it yet.
+        """
+        if entry_worker(key) == self.worker:
+            return False
+        return self._clock_ns() - entry_time_ns(key) < self.options.live_grace * 1e9
 
     def _load_batch(self, up: _Upstream) -> int:
         """
@@ -603,6 +653,8 @@ class Spool:
                 key = up.buffer.popleft()
                 if key in self._sending or key in self._live or key in self._committing:
                     continue
+                if self._owned_by_another_live_worker(key):
+                    continue
                 return key
             if batches >= _MAX_BATCHES_PER_PUMP:
                 return None
@@ -626,7 +678,7 @@ class Spool:
         self._wake(self.reactor.seconds())
 
     def _wake(self, at: float) -> None:
-        if not self._running:
+        if not self._running or not self.drains:
             return
         if self._timer is not None and self._timer.active():
             if self._timer_at <= at:
@@ -961,13 +1013,68 @@ class Spool:
         self._submit(ops, "drop the oldest entries").addBoth(lambda _: self._dropping.difference_update(chosen))
 
 
+#: The counters of L{SpoolCounters} that C{/metrics} shows: field, metric
+#: name, help and the C{reason} label of C{reductrai_spool_dropped}.
+_COUNTER_METRICS = (
+    ("delivered", "reductrai_spool_delivered", "Spooled requests the upstream accepted.", None),
+    ("retries", "reductrai_spool_retries", "Failed replays that will be retried.", None),
+    ("dead_lettered", "reductrai_spool_dead_lettered", "Requests moved to the dead letters.", None),
+    ("dropped_oldest", "reductrai_spool_dropped", "Requests removed undelivered, by reason.", "oldest"),
+    ("rejected_by_upstream", "reductrai_spool_dropped", "Requests removed undelivered, by reason.", "rejected_by_upstream"),
+)
+
+
+class SpoolCounterMirror:
+    """
+    Copy a spool's L{SpoolCounters} into prometheus_client counters, for
+    the multiprocess mode of L{reductrai.metrics}: there each worker's
+    counters land in its metric files and C{/metrics} sums them.  The
+    service calls L{sync} every second and once when it stops.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        from prometheus_client import Counter
+
+        self.spool = spool
+        self._metrics: dict[str, object] = {}
+        self._copied: dict[str, int] = {}
+        families: dict[str, object] = {}
+        for field, name, help_text, reason in _COUNTER_METRICS:
+            if reason is None:
+                self._metrics[field] = Counter(name, help_text, registry=None)
+            else:
+                family = families.get(name)
+                if family is None:
+                    family = families[name] = Counter(name, help_text, ["reason"], registry=None)
+                self._metrics[field] = family.labels(reason)
+            self._copied[field] = 0
+
+    def sync(self) -> None:
+        """
+        Add what each counter gained since the last call.
+        """
+        counters = self.spool.counters
+        for field, metric in self._metrics.items():
+            value = getattr(counters, field)
+            gained = value - self._copied[field]
+            if gained > 0:
+                metric.inc(gained)
+                self._copied[field] = value
+
+
 class SpoolCollector:
     """
     Prometheus collector of a L{Spool}, read at scrape time.
     """
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, counters: bool = True) -> None:
+        """
+        @param counters: whether to show the counters too; without them
+            (multiprocess mode) a L{SpoolCounterMirror} in each worker
+            provides them.
+        """
         self.spool = spool
+        self.counters = counters
 
     def describe(self):
         return []
@@ -988,6 +1095,9 @@ class SpoolCollector:
         yield GaugeMetricFamily("reductrai_spool_oldest_age_seconds", "Age of the oldest undelivered request.", value=age)
         yield GaugeMetricFamily("reductrai_spool_dead_letters", "Requests in the dead letters.", value=dead)
         yield GaugeMetricFamily("reductrai_spool_live", "Requests whose live forward is still running.", value=len(spool._live))
+        yield from self._circuits()
+        if not self.counters:
+            return
         yield CounterMetricFamily("reductrai_spool_delivered", "Spooled requests the upstream accepted.", value=counters.delivered)
         yield CounterMetricFamily("reductrai_spool_retries", "Failed replays that will be retried.", value=counters.retries)
         yield CounterMetricFamily("reductrai_spool_dead_lettered", "Requests moved to the dead letters.", value=counters.dead_lettered)
@@ -995,6 +1105,9 @@ class SpoolCollector:
         dropped.add_metric(["oldest"], counters.dropped_oldest)
         dropped.add_metric(["rejected_by_upstream"], counters.rejected_by_upstream)
         yield dropped
+
+    def _circuits(self):
+        spool = self.spool
         circuit = GaugeMetricFamily("reductrai_spool_circuit", "1 for the current circuit state of each upstream.", labels=["upstream", "state"])
         in_flight = GaugeMetricFamily("reductrai_spool_in_flight", "Replays in flight per upstream.", labels=["upstream"])
         for up in spool._upstreams.values():

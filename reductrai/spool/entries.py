@@ -12,7 +12,9 @@ Three named databases of the store's environment hold the spool:
 Entry id (20 bytes): an 8-byte upstream id (a hash of the upstream base
 URL) followed by the 8-byte big-endian creation time in nanoseconds and a
 4-byte sequence number, so that one cursor range holds one upstream's
-entries in arrival order.
+entries in arrival order.  The top L{WORKER_BITS} bits of the sequence
+number are the id of the worker process that created the entry, so that ids
+stay unique when several processes write (C{server.workers}).
 
 Entry value::
 
@@ -65,8 +67,26 @@ def upstream_id(base_url: str) -> bytes:
     return hashlib.sha256(base_url.encode("utf-8")).digest()[:UPSTREAM_ID_SIZE]
 
 
-def make_entry_id(upstream: bytes, time_ns: int, sequence: int) -> bytes:
-    return upstream + _TIME.pack(time_ns, sequence & 0xFFFFFFFF)
+#: Bits of an entry id's sequence number that count entries of one
+#: worker; the bits above them hold the worker id.
+SEQUENCE_BITS = 28
+SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
+WORKER_BITS = 32 - SEQUENCE_BITS
+
+
+def make_entry_id(upstream: bytes, time_ns: int, sequence: int, worker: int = 0) -> bytes:
+    """
+    Build an entry id; C{sequence} keeps its low L{SEQUENCE_BITS} bits and
+    C{worker} fills the bits above them.
+    """
+    return upstream + _TIME.pack(time_ns, (worker << SEQUENCE_BITS) | (sequence & SEQUENCE_MASK))
+
+
+def entry_worker(entry_id: bytes) -> int:
+    """
+    The id of the worker process that created an entry.
+    """
+    return _TIME.unpack_from(entry_id, UPSTREAM_ID_SIZE)[1] >> SEQUENCE_BITS
 
 
 def entry_time_ns(entry_id: bytes) -> int:
