@@ -192,7 +192,7 @@ def loghub_dataset(path: Path) -> list[tuple[RecordHeader, bytes]]:
 
 
 def packed_size(records: list[tuple[RecordHeader, bytes]], level: int, record_checksums: bool,
-                options: CompactorOptions = CompactorOptions()) -> tuple[int, int]:
+                options: CompactorOptions = CompactorOptions(), derive=derive_item_times) -> tuple[int, int]:
     """
     Return the stored bytes of the records packed as the compactor packs
     them once it has caught up, and the number of blocks.
@@ -221,7 +221,7 @@ def packed_size(records: list[tuple[RecordHeader, bytes]], level: int, record_ch
             blocks.append(buffers.pop(stream))
     blocks.extend(buffers.values())
     for entries, raw in blocks:
-        data = compress_block(entries, level, record_checksums, derive_item_times)
+        data = compress_block(entries, level, record_checksums, derive)
         key = block_key(entries[0][1].stream, entries[0][0])
         info = BlockInfo(key, entries[0][1].stream, entries[0][0], entries[-1][0], entries[0][1].received_ns,
                          entries[-1][1].received_ns, len(entries), 0, None, None, raw, len(data), level,

@@ -272,13 +272,17 @@ def start_reductrai(
     certificate: str,
     private_key: str,
     source: Optional[Path] = None,
+    workers: int = 1,
 ) -> tuple[Process, int, Path]:
     """
     Start C{twistd -n --pidfile= reductrai} with a fresh data directory and
-    wait until its readiness probe returns 200.
+    wait until its readiness probe returns 200 (with several workers, once
+    every worker serves).
 
     @param source: a source tree to import reductrai from (put first on
         C{PYTHONPATH}) instead of the installed working tree.
+    @param workers: C{--workers}; the worker processes are children of the
+        twistd process, so L{Process.cpu_seconds} counts them.
 
     @return: the process, the TLS ingest port and the data directory.
     @raise RuntimeError: it did not become ready; the log says why.
@@ -295,6 +299,8 @@ def start_reductrai(
     ]
     if forward_to:
         command += ["--forward-to", forward_to]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     env = _environment(source)
     # The hardened default admits 1,024 connections per listener role; the
     # idle-connection workload opens 10,000, as nginx's configuration here

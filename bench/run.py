@@ -236,11 +236,15 @@ def run_reductrai(
     certificate: str,
     private_key: str,
     options,
+    workers: int = 1,
 ) -> list[dict]:
     """
-    Start a fresh daemon in C{mode}, measure it, stop it and read its store.
+    Start a fresh daemon in C{mode} with C{workers} worker processes,
+    measure it, stop it and read its store.  With several C{--workers}
+    values the target is named C{reductrai MODE wN}.
     """
-    directory = workdir / f"reductrai-{mode}"
+    suffix = f" w{workers}" if len(options.workers) > 1 or workers > 1 else ""
+    directory = workdir / f"reductrai-{mode}{suffix.replace(' ', '-')}"
     directory.mkdir()
     daemon_mode = {"upstream-down": "forward"}.get(mode, mode)
     forward_to = {
@@ -250,16 +254,16 @@ def run_reductrai(
     }.get(mode)
     try:
         process, port, data_dir = procs.start_reductrai(
-            directory, daemon_mode, forward_to, certificate, private_key, options.source
+            directory, daemon_mode, forward_to, certificate, private_key, options.source, workers
         )
     except RuntimeError as error:
-        log(f"  reductrai {mode}: not started: {str(error).strip().splitlines()[-1] if str(error).strip() else error}")
-        return [{"target": f"reductrai {mode}", "point": "skipped", "note": str(error)[-400:]}]
+        log(f"  reductrai {mode}{suffix}: not started: {str(error).strip().splitlines()[-1] if str(error).strip() else error}")
+        return [{"target": f"reductrai {mode}{suffix}", "point": "skipped", "note": str(error)[-400:]}]
     try:
         answer = probe(port, workload.requests[0])
         answers = probe_all(port, workload) if len({r.path for r in workload.requests}) > 1 else None
         points = run_points(
-            f"reductrai {mode}", process, port, manifest, directory, workload, options,
+            f"reductrai {mode}{suffix}", process, port, manifest, directory, workload, options,
             half=mode != "upstream-down",
         )
         peak = process.peak_rss_kib()
@@ -435,6 +439,11 @@ def report_markdown(results: dict) -> str:
         f"- {results['duration']} s per point, wrk 1 thread; nginx {results['nginx_workers']} worker(s) per instance; "
         "50% points are rate-limited by the wrk Lua `delay()` schedule (see above)",
     ]
+    if results.get("reductrai_workers", [1]) != [1]:
+        lines.append(
+            f"- reductrai worker processes (server.workers): {', '.join(map(str, results['reductrai_workers']))}; "
+            "CPU % counts every worker; peak RSS is the largest process's"
+        )
     if results.get("label"):
         lines.append(f"- note: {results['label']}")
     for workload in results["workloads"]:
@@ -534,6 +543,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ", ".join(WORKLOADS))
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     parser.add_argument("--nginx-workers", type=int, default=1, help="worker processes per nginx instance (default 1)")
+    parser.add_argument("--workers", default="1", help="reductrai worker processes (server.workers); a comma "
+                        "list such as 1,2 measures each value in the same run (default 1)")
     parser.add_argument("--variants", type=int, help="variants per corpus request in mixed-replay (default 4, quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (default 10000, quick 2000; 0 skips)")
     parser.add_argument("--idle-hold", type=float, default=10.0, help="seconds the idle connections are held")
@@ -553,6 +564,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     options.variants = options.variants or (2 if quick else 4)
     options.idle = options.idle if options.idle is not None else (2000 if quick else 10000)
     options.profile_seconds = options.profile_seconds if options.profile_seconds is not None else (3 if quick else 10)
+    try:
+        options.workers = [int(value) for value in options.workers.split(",") if value]
+    except ValueError:
+        parser.error(f"--workers takes whole numbers separated by commas, not {options.workers!r}")
+    if not options.workers or any(not 1 <= value <= 16 for value in options.workers):
+        parser.error("--workers values must be between 1 and 16")
     names = [name for name in options.workloads.split(",") if name]
     modes = [mode for mode in options.modes.split(",") if mode]
     for name in names:
@@ -570,6 +587,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": quick, "duration": options.duration, "nginx_workers": options.nginx_workers,
+        "reductrai_workers": options.workers,
         "command": command.strip(), "label": options.label, "machine": machine(), "workloads": [],
         "subset": set(names) != set(WORKLOADS) or set(modes) != set(MODES),
     }
@@ -612,11 +630,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   options, half=False)
                 finally:
                     bare.stop()
-            for mode in modes:
+            for mode, workers in [(mode, workers) for mode in modes for workers in options.workers]:
                 points = run_reductrai(mode, workload, manifest, wdir, sink_port, closed_port,
-                                       certificate, private_key, options)
+                                       certificate, private_key, options, workers)
                 entry["points"] += points
-                if mode == "forward" and points and "probe" in points[0]:
+                if mode == "forward" and "probe" not in entry and points and "probe" in points[0]:
                     entry["probe"] = points[0]["probe"]
                     entry["probe_by_path"] = points[0].get("probe_by_path")
             results["workloads"].append(entry)

@@ -38,6 +38,8 @@ TRACE = b"t"
 
 MAX_TERM_BYTES = 200
 _LENGTH = struct.Struct(">H")
+# Item kinds whose name is indexed as a metric name.
+_NAMED_KINDS = frozenset({METRIC, SKETCH})
 
 
 def term_prefix(field: bytes, term: str) -> bytes:
@@ -52,16 +54,26 @@ def terms_of(items: Iterable[Item]) -> set[bytes]:
     """
     Return the index key prefixes for the items of one record.
     """
-    prefixes: set[bytes] = set()
+    # The distinct terms are collected first: a batch of thousands of items
+    # usually names a handful of services and hosts, so each prefix is
+    # encoded once rather than once per item.
+    services: set[str] = set()
+    hosts: set[str] = set()
+    names: set[str] = set()
+    traces: set[str] = set()
     for item in items:
         if item.service:
-            prefixes.add(term_prefix(SERVICE, item.service))
+            services.add(item.service)
         if item.host:
-            prefixes.add(term_prefix(HOST, item.host))
-        if item.kind in (METRIC, SKETCH) and item.name:
-            prefixes.add(term_prefix(METRIC_NAME, item.name))
+            hosts.add(item.host)
+        if item.name and item.kind in _NAMED_KINDS:
+            names.add(item.name)
         if item.trace_id:
-            prefixes.add(term_prefix(TRACE, item.trace_id))
+            traces.add(item.trace_id)
+    prefixes = {term_prefix(SERVICE, term) for term in services}
+    prefixes.update(term_prefix(HOST, term) for term in hosts)
+    prefixes.update(term_prefix(METRIC_NAME, term) for term in names)
+    prefixes.update(term_prefix(TRACE, term) for term in traces)
     return prefixes
 
 

@@ -343,6 +343,8 @@ class QueryEngine:
         after, after_index = decode_cursor(cursor) if cursor else (None, -1)
         budget = _Budget(self.options, hint)
         view = self.view_factory()
+        # Items carry their own timestamps: the records' ranges are not needed.
+        view.item_times = False
         results, errors = [], []
         next_cursor = None
         with view.begin() as txn:

@@ -265,18 +265,34 @@ def packed_header_bytes(header: RecordHeader) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode("utf-8")
 
 
-def parse_packed_header(data: bytes, key: bytes, body: bytes) -> RecordHeader:
+def parse_packed_header(
+    data: bytes, key: bytes, body: bytes, item_times: bool = True, derive: Optional[ItemTimesDeriver] = None
+) -> RecordHeader:
     """
-    Read a header written by L{packed_header_bytes} for the record C{key}
-    with the decoded C{body}.
+    Read a header written by L{packed_header_bytes} or L{decode_block}
+    for the record C{key} with the decoded C{body}.
 
-    @raise RecordError: not a valid header.
+    @param item_times: restore an item time range that its block left to
+        be recomputed (L{BLOCK_DERIVED_ITEM_TIMES}), which parses the body;
+        with C{False} such a header has none.
+    @param derive: what recomputes it; by default the ingest parsers
+        (L{reductrai.itemtimes.derive_item_times}).
+    @raise RecordError: not a valid header, or its item time range cannot
+        be recomputed.
     """
     try:
         fields = json.loads(data)
         fields.setdefault("received_ns", split_key(key)[0])
         fields.setdefault("size", len(body))
         fields.setdefault("crc32", zlib.crc32(body))
+        if fields.pop(_DERIVED_MARK, None) and item_times:
+            times_of = (derive or _default_deriver())(fields, body)
+            if times_of is None:
+                raise RecordError("record item times cannot be recomputed from its body")
+            if times_of[0] is not None:
+                fields["item_min_ns"] = times_of[0]
+            if times_of[1] is not None:
+                fields["item_max_ns"] = times_of[1]
         return RecordHeader(**fields)
     except (ValueError, TypeError) as error:
         raise RecordError(f"record header is invalid: {error}") from None
@@ -323,22 +339,21 @@ def encode_block(entries: list[tuple[bytes, bytes, bytes]]) -> bytes:
     return b"".join(parts + [head for _, head, _ in entries] + [body for _, _, body in entries])
 
 
-def decode_block(data: bytes, derive: Optional[ItemTimesDeriver] = None) -> Iterator[tuple[bytes, bytes, bytes]]:
+def decode_block(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
     """
     Yield C{(key, header bytes, body)} of an uncompressed block built by
     L{encode_block_v3} or L{encode_block} (version 2, still read), in key
-    order.  Header bytes are JSON for L{parse_packed_header}.
+    order.  Header bytes are JSON for L{parse_packed_header}, which also
+    recomputes the item time ranges a block flagged
+    L{BLOCK_DERIVED_ITEM_TIMES} left out.
 
-    @param derive: what recomputes item time ranges for a block flagged
-        L{BLOCK_DERIVED_ITEM_TIMES}; by default the ingest parsers
-        (L{reductrai.itemtimes.derive_item_times}).
     @raise RecordError: the block is malformed.
     """
     if len(data) < _BLOCK_COUNT.size:
         raise RecordError("block is truncated")
     magic, count = _BLOCK_COUNT.unpack_from(data)
     if magic == _BLOCK_MAGIC_V3:
-        yield from _decode_block_v3(data, derive)
+        yield from _decode_block_v3(data)
         return
     if magic != _BLOCK_MAGIC:
         raise RecordError("block has an unknown format")
@@ -388,6 +403,10 @@ _BLOCK_FLAGS = BLOCK_RECORD_CHECKSUMS | BLOCK_SCALED_TIMES | BLOCK_DERIVED_ITEM_
 #: Recomputes a record's C{(item_min_ns, item_max_ns)} from its header
 #: fields and body, or returns L{None} when it cannot.
 ItemTimesDeriver = Callable[[Mapping, bytes], Optional[tuple[Optional[int], Optional[int]]]]
+
+
+#: The header field that marks an item time range left to be recomputed.
+_DERIVED_MARK = "item_times_derived"
 
 
 def _default_deriver() -> ItemTimesDeriver:
@@ -620,7 +639,7 @@ def encode_block_v3(entries: list[tuple[bytes, RecordHeader, bytes]], record_che
     return b"".join(block_v3_sections(entries, record_checksums))
 
 
-def _decode_block_v3(data: bytes, derive: Optional[ItemTimesDeriver]) -> Iterator[tuple[bytes, bytes, bytes]]:
+def _decode_block_v3(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
     if len(data) < _BLOCK_V3_HEAD.size:
         raise RecordError("block is truncated")
     _, flags, count = _BLOCK_V3_HEAD.unpack_from(data)
@@ -671,12 +690,9 @@ def _decode_block_v3(data: bytes, derive: Optional[ItemTimesDeriver]) -> Iterato
         if items[index]:
             fields["items"] = items[index] - 1
         if derived and items[index]:
-            if derive is None:
-                derive = _default_deriver()
-            times_of = derive(fields, body)
-            if times_of is None:
-                raise RecordError("block item times cannot be recomputed from a record's body")
-            item_min_ns, item_max_ns = times_of
+            # parse_packed_header recomputes them when its caller asks.
+            fields[_DERIVED_MARK] = True
+            item_min_ns = item_max_ns = None
         else:
             item_min_ns = _from_optional(item_min[index], time_ns, min_scale)
             item_max_ns = _from_optional(item_max[index], item_min_ns if item_min_ns is not None else time_ns, max_scale)

@@ -26,14 +26,21 @@ import time
 from typing import Mapping, Optional
 from urllib.parse import parse_qs
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from reductrai.credentials import end_to_end_headers, storable_headers, storable_path, storable_query
-from reductrai.encoding import CorruptBody, DecodedTooLarge, EncodingError, UnsupportedEncoding, decode_body
+from reductrai.encoding import (
+    OFFLOAD_BYTES,
+    DecodedTooLarge,
+    EncodingError,
+    UnsupportedEncoding,
+    decode_body,
+    parse_content_encoding,
+)
 from reductrai.formats.items import PayloadContext, PayloadError
 from reductrai.forward import Forwarder, UpstreamError, UpstreamResponse
 from reductrai.metrics import Metrics
@@ -60,6 +67,12 @@ class IngestResource(Resource):
     @ivar spool_on_failure: C{"spool"} sends the vendor's success response
         when the spool contains the request; C{"relay"} passes the upstream's
         failure to the client (the spool still retries).
+    @ivar offload_decode_bytes: encoded bodies of at least this many bytes
+        (as received) are decoded in a thread; C{0} decodes every body on
+        the reactor thread.
+    @ivar run_in_thread: called as C{run_in_thread(f, *args)} to run such
+        a decoding, returning a L{Deferred} of the result; L{None} uses the
+        reactor's thread pool.
     """
 
     isLeaf = True
@@ -78,6 +91,8 @@ class IngestResource(Resource):
         index_items: bool = True,
         spool=None,
         spool_on_failure: str = "spool",
+        offload_decode_bytes: int = OFFLOAD_BYTES,
+        run_in_thread=None,
     ) -> None:
         super().__init__()
         self.router = router
@@ -92,6 +107,8 @@ class IngestResource(Resource):
         self.spool = spool
         self.spool_on_failure = spool_on_failure
         self.max_decoded_bytes = int(settings["limits.max_decoded_bytes"])
+        self.offload_decode_bytes = offload_decode_bytes
+        self.run_in_thread = run_in_thread
         self.in_flight = 0
         self._idle_waiters: list = []
         self._errors = RateLimitedLog(self.log)
@@ -169,14 +186,69 @@ class IngestResource(Resource):
             if refused is not None:
                 return self._reject(request, match, refused, "vendor_check")
 
+        if len(body) >= self.offload_decode_bytes > 0 and parse_content_encoding(encoding):
+            # A large encoded body is decoded in a thread (zlib, zstd,
+            # snappy and the others release the GIL), so the reactor thread
+            # serves other requests meanwhile.
+            decoding = self._run_in_thread(decode_body, body, encoding, self.max_decoded_bytes)
+            decoding.addCallbacks(
+                lambda decoded: self._ingest(request, match, body, base_url, encoding, context, decoded),
+                lambda failure: self._decode_failed(request, match, context, failure),
+            )
+            decoding.addErrback(self._ingest_failed, request, match)
+            return NOT_DONE_YET
         try:
             decoded = decode_body(body, encoding, self.max_decoded_bytes)
-        except UnsupportedEncoding as error:
+        except EncodingError as error:
+            return self._reject_encoding(request, match, context, error)
+        return self._ingest(request, match, body, base_url, encoding, context, decoded)
+
+    def _run_in_thread(self, f, *args) -> defer.Deferred:
+        """
+        Run C{f(*args)} in the reactor's thread pool.
+
+        @return: a L{Deferred} of its result.
+        """
+        if self.run_in_thread is not None:
+            return self.run_in_thread(f, *args)
+        return threads.deferToThread(f, *args)
+
+    def _reject_encoding(self, request, match: Match, context, error: EncodingError):
+        """
+        Answer a body that could not be decoded: 415 for an unsupported
+        encoding, 413 for a decoded body over the cap, 400 otherwise.
+        """
+        vendor = match.vendor
+        if isinstance(error, UnsupportedEncoding):
             return self._reject(request, match, vendor.error(415, error.reason, context), "unsupported_encoding")
-        except DecodedTooLarge as error:
+        if isinstance(error, DecodedTooLarge):
             return self._reject(request, match, vendor.error(413, error.reason, context), "decoded_too_large")
-        except (CorruptBody, EncodingError) as error:
-            return self._reject(request, match, vendor.error(400, error.reason, context), "corrupt_body")
+        return self._reject(request, match, vendor.error(400, error.reason, context), "corrupt_body")
+
+    def _decode_failed(self, request, match: Match, context, failure: Failure):
+        """
+        Answer a body whose decoding in a thread failed.
+        """
+        if failure.check(EncodingError):
+            return self._reject_encoding(request, match, context, failure.value)
+        return failure
+
+    def _ingest_failed(self, failure: Failure, request, match: Match) -> None:
+        """
+        Answer 500 when handling a request after its body was decoded in a
+        thread raised: synchronously, twisted.web would have answered it.
+        """
+        self.log.failure("Handling a {vendor} request failed", failure, vendor=match.vendor.name)
+        if not request.finished and not request._disconnected:
+            self._reject(request, match, match.vendor.error(500, "internal error"), "internal_error")
+
+    def _ingest(self, request, match: Match, body: bytes, base_url, encoding, context, decoded: bytes):
+        """
+        Parse, store and forward a request whose body is decoded.
+
+        @return: L{NOT_DONE_YET}: every path answers through the request.
+        """
+        route, vendor = match.route, match.vendor
         self.metrics.child(self.metrics.decoded_bytes, vendor.name, route.kind).inc(len(decoded))
         context.body = decoded
 

@@ -153,6 +153,8 @@ class ReductraiService(service.MultiService):
             return False, "store is not open"
         if len(self.ports) != len(self.settings["server.listen"]):
             return False, "not every ingest listener is bound"
+        if self.workers > 1 and self.worker == 0 and (self.pool is None or len(self.pool.started) < self.workers - 1):
+            return False, "not every worker process has started"
         return True, "ok"
 
     def _tls_files(self) -> tuple[str, str]:
@@ -320,7 +322,7 @@ class ReductraiService(service.MultiService):
         self.log.info(
             "reductrai {version} started in {mode} mode, {detail}; upstream: {upstream}; data in {data_dir}",
             version=__version__, mode=self.mode, detail=detail, upstream=upstream, data_dir=self._data_dir,
-            worker=self.worker,
+            worker=self.worker, serving=True,
         )
 
     def _start_workers(self) -> None:

@@ -25,9 +25,10 @@ import heapq
 import json
 import os
 import struct
+import threading
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -103,6 +104,11 @@ class StoreOptions:
         fires; C{"interval"} syncs every C{sync_interval} seconds in a
         thread (a process crash loses nothing, a power loss at most that
         interval); C{"none"} leaves syncing to the operating system.
+    @ivar offload_bytes: bodies of at least this many bytes are checksummed
+        and compressed in a thread of the reactor's pool (zlib and zstd
+        release the GIL there), so the reactor thread goes on with other
+        requests; smaller ones are encoded inline, where a thread hop would
+        cost more than it saves.  C{0} encodes everything inline.
     """
 
     path: str
@@ -113,6 +119,7 @@ class StoreOptions:
     sync_interval: float = 1.0
     dictionaries: DictionaryOptions = DictionaryOptions()
     use_dictionaries: bool = True
+    offload_bytes: int = 64 * 1024
 
 
 def open_environment(path: str, map_size: int, readonly: bool = False, sync: bool = False) -> lmdb.Environment:
@@ -138,14 +145,68 @@ def open_environment(path: str, map_size: int, readonly: bool = False, sync: boo
     )
 
 
+class _ThreadCodecs(threading.local):
+    """
+    The record codec and dictionary compressors of one encoding thread:
+    zstd contexts must not be used by two threads at once.
+
+    @ivar compressors: dictionary id to compressor, at most
+        L{MAX_COMPRESSORS} of them (the oldest is dropped).
+    """
+
+    MAX_COMPRESSORS = 16
+
+    def __init__(self, level: int) -> None:
+        self.codec = RecordCodec(level)
+        self.compressors: "OrderedDict[int, zstandard.ZstdCompressor]" = OrderedDict()
+
+
+class _Encoding:
+    """
+    A record whose value is still being encoded, or is encoded and waits
+    for the records before it.
+
+    @ivar value: the stored value once encoded, else L{None}.
+    @ivar failure: why encoding failed, else L{None}.
+    """
+
+    __slots__ = ("key", "value", "ops", "deferred", "failure")
+
+    def __init__(self, key: bytes, ops: list, deferred: Deferred) -> None:
+        self.key = key
+        self.value: Optional[bytes] = None
+        self.ops = ops
+        self.deferred = deferred
+        self.failure = None
+
+
 class RecordStore:
     """
     Append-only storage of request records with per-turn group commits.
+
+    Records reach the commit queue in key order.  A large body is encoded
+    in a thread (see L{StoreOptions.offload_bytes}); records appended after
+    it wait until it is encoded, so each commit holds keys greater than
+    every key committed before it, and a record's extra operations commit
+    in the same transaction as the record.
     """
 
     log = Logger()
 
-    def __init__(self, options: StoreOptions, reactor, clock_ns: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        options: StoreOptions,
+        reactor,
+        clock_ns: Callable[[], int] = time.time_ns,
+        run_in_thread: Optional[Callable[..., Deferred]] = None,
+    ) -> None:
+        """
+        @param run_in_thread: called as C{run_in_thread(f, *args)}, returns
+            a L{Deferred} of C{f(*args)} run in another thread; by default
+            the reactor's thread pool, or none (everything is encoded
+            inline) when the reactor has no thread pool, as with test
+            clocks.
+        """
         self.options = options
         self._errors = RateLimitedLog(self.log)
         self._reactor = reactor
@@ -157,6 +218,13 @@ class RecordStore:
         self._pending: list[tuple[bytes, bytes, Deferred]] = []
         self._pending_ops: list[tuple[list, Deferred]] = []
         self._flush_call = None
+        if run_in_thread is None and hasattr(reactor, "getThreadPool"):
+            def run_in_thread(f, *args):
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        self._run_in_thread = run_in_thread
+        self._thread_codecs = _ThreadCodecs(options.compression_level)
+        self._encoding: "deque[_Encoding]" = deque()
+        self._encoded_waiters: list[Deferred] = []
         self._last_ns = 0
         self._sequence = 0
         self._sync_loop: Optional[task.LoopingCall] = None
@@ -201,13 +269,17 @@ class RecordStore:
 
     def close(self) -> Deferred:
         """
-        Commit what is pending, wait for a running sync, sync and close the
-        environment.
+        Wait for the records being encoded in threads, commit what is
+        pending, wait for a running sync, sync and close the environment.
 
         @return: a L{Deferred} that fires once the environment is closed.
         """
         if self.env is None:
             return defer.succeed(None)
+        if self._encoding:
+            waiter: Deferred = Deferred()
+            self._encoded_waiters.append(waiter)
+            return waiter.addCallback(lambda _: self.close())
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush()
@@ -290,30 +362,103 @@ class RecordStore:
         fields = dict(header_fields)
         if items is not None:
             fields.update(summary_of(items))
-        header = RecordHeader(
-            received_ns=int.from_bytes(key[:8], "big"),
-            size=len(body),
-            crc32=zlib.crc32(body),
-            dictionary=dictionary,
-            **fields,
-        )
-        value = self._codec.encode(header, body, compressor)
-        if self.options.use_dictionaries:
-            self.dictionaries.observe(stream, body)
-        d: Deferred = Deferred()
-        self._pending.append((key, value, d))
+        fields["received_ns"] = int.from_bytes(key[:8], "big")
+        fields["dictionary"] = dictionary
         ops = []
         if extra:
             ops = [(op, db, k(key) if callable(k) else k, v(key) if callable(v) else v) for op, db, k, v in extra]
         if items:
             ops.extend(index_ops(key, items))
+        offload = self._run_in_thread is not None and 0 < self.options.offload_bytes <= len(body)
+        if offload:
+            encoded = self._run_in_thread(self._encode_in_thread, fields, body, dictionary)
+        else:
+            value = self._codec.encode(RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields), body, compressor)
+        if self.options.use_dictionaries:
+            self.dictionaries.observe(stream, body)
+        d: Deferred = Deferred()
+        if not offload and not self._encoding:
+            self._queue(key, value, ops, d)
+            return d
+        waiting = _Encoding(key, ops, d)
+        self._encoding.append(waiting)
+        if offload:
+            encoded.addCallbacks(self._encoded, self._encoding_failed, callbackArgs=(waiting,), errbackArgs=(waiting,))
+        else:
+            # Encoded already, but a record before it is still being encoded.
+            waiting.value = value
+        return d
+
+    def _encode_in_thread(self, fields: dict, body: bytes, dictionary: Optional[int]) -> bytes:
+        """
+        Checksum and compress a record in a pool thread, with that
+        thread's own zstd contexts.
+        """
+        local = self._thread_codecs
+        compressor = None
+        if dictionary is not None:
+            compressor = local.compressors.get(dictionary)
+            if compressor is None:
+                data = self.dictionaries.data.get(dictionary)
+                if data is None:
+                    raise StoreError(f"dictionary {dictionary} is not loaded")
+                # The parameters of the reactor thread's compressor
+                # (DictionaryManager._install), so either thread writes the
+                # same frame.
+                compressor = zstandard.ZstdCompressor(
+                    level=self.options.dictionaries.level,
+                    dict_data=zstandard.ZstdCompressionDict(data),
+                    write_checksum=True,
+                    write_content_size=True,
+                    write_dict_id=True,
+                )
+                local.compressors[dictionary] = compressor
+                if len(local.compressors) > local.MAX_COMPRESSORS:
+                    local.compressors.popitem(last=False)
+        header = RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields)
+        return local.codec.encode(header, body, compressor)
+
+    def _encoded(self, value: bytes, waiting: _Encoding) -> None:
+        waiting.value = value
+        self._release_encoded()
+
+    def _encoding_failed(self, failure, waiting: _Encoding) -> None:
+        self._errors.emit(
+            "encode_failed", LogLevel.error, "Encoding a record failed: {error}", error=str(failure.value),
+        )
+        waiting.failure = failure
+        self._release_encoded()
+
+    def _release_encoded(self) -> None:
+        """
+        Queue for commit the encoded records at the head of the encoding
+        queue, in key order, up to the first one still being encoded.
+        """
+        queue = self._encoding
+        while queue and (queue[0].value is not None or queue[0].failure is not None):
+            waiting = queue.popleft()
+            if waiting.failure is not None:
+                waiting.deferred.errback(StoreError(f"encoding the record failed: {waiting.failure.value}"))
+            elif self.env is None:
+                waiting.deferred.errback(StoreClosed("the store closed before the record was committed"))
+            else:
+                self._queue(waiting.key, waiting.value, waiting.ops, waiting.deferred)
+        if not queue and self._encoded_waiters:
+            waiters, self._encoded_waiters = self._encoded_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _queue(self, key: bytes, value: bytes, ops: list, d: Deferred) -> None:
+        """
+        Add an encoded record and its operations to the next group commit.
+        """
+        self._pending.append((key, value, d))
         if ops:
             ops_done: Deferred = Deferred()
             # The record's Deferred carries the same failure to the caller.
             ops_done.addErrback(lambda failure: None)
             self._pending_ops.append((ops, ops_done))
         self._schedule()
-        return d
 
     def submit(self, ops: list) -> Deferred:
         """
@@ -683,6 +828,10 @@ class StoreView:
                 self.handles[name] = None
         self._decompressor = zstandard.ZstdDecompressor()
         self._blocks: "OrderedDict[bytes, object]" = OrderedDict()
+        #: Whether packed headers get the item time ranges their block
+        #: left to be recomputed (a parse of each body).  Readers that
+        #: parse the bodies for their items anyway turn it off.
+        self.item_times = True
 
     def begin(self) -> lmdb.Transaction:
         return self.env.begin(buffers=False)
@@ -847,7 +996,7 @@ class StoreView:
                 continue
             share = info.stored_bytes * (len(head) + len(body)) // raw_total
             try:
-                header = parse_packed_header(head, key, body)
+                header = parse_packed_header(head, key, body, self.item_times)
             except RecordError as error:
                 yield Entry(key, None, share, block=info.key, error=str(error))
                 continue

@@ -125,6 +125,8 @@ class WorkerPool(service.Service):
     Start, supervise and stop the worker processes 1 to C{count - 1}.
 
     @ivar protocols: the running workers by id.
+    @ivar started: the ids of the workers that have started serving at
+        least once.
     """
 
     log = Logger()
@@ -158,6 +160,7 @@ class WorkerPool(service.Service):
         self._on_worker_ended = on_worker_ended
         self._argv = argv or [sys.executable, "-m", "reductrai.worker"]
         self.protocols: dict[int, _WorkerProtocol] = {}
+        self.started: set[int] = set()
         self._backoff: dict[int, float] = {}
         self._restarts: dict[int, object] = {}
         self.restarts = 0
@@ -186,14 +189,14 @@ class WorkerPool(service.Service):
                 proto, self._argv[0], self._argv, env=dict(os.environ), path=os.getcwd(), childFDs=fds,
             )
         except OSError as failure:
-            self.log.error("Cannot start worker {worker}: {error}", worker=worker, error=str(failure))
+            self.log.error("Cannot start worker {child}: {error}", child=worker, error=str(failure))
             self._schedule_restart(worker, 0.0)
             return
         proto.started_at = self.reactor.seconds()
         self.protocols[worker] = proto
         line = json.dumps(self._start_line(worker), separators=(",", ":")).encode("utf-8") + b"\n"
         transport.writeToChild(0, line)
-        self.log.info("Started worker {worker} (PID {pid})", worker=worker, pid=transport.pid)
+        self.log.info("Started worker {child} (PID {pid})", child=worker, pid=transport.pid)
 
     def worker_ended(self, proto: _WorkerProtocol, reason: Failure) -> None:
         worker = proto.worker
@@ -204,13 +207,13 @@ class WorkerPool(service.Service):
         status = reason.value
         detail = str(status.exitCode) if status.signal is None else f"signal {status.signal}"
         if not self.running:
-            self.log.info("Worker {worker} stopped ({status})", worker=worker, status=detail)
+            self.log.info("Worker {child} stopped ({status})", child=worker, status=detail)
             return
         lived = self.reactor.seconds() - proto.started_at
         self._schedule_restart(worker, lived)
         self.log.warn(
-            "Worker {worker} ended ({status}) after {lived:.1f} s; restarting it in {delay:.1f} s",
-            worker=worker, status=detail, lived=lived, delay=self._backoff[worker],
+            "Worker {child} ended ({status}) after {lived:.1f} s; restarting it in {delay:.1f} s",
+            child=worker, status=detail, lived=lived, delay=self._backoff[worker],
         )
 
     def _schedule_restart(self, worker: int, lived: float) -> None:
@@ -276,6 +279,8 @@ class WorkerPool(service.Service):
             self.relay_text(worker, line)
             return
         level = event.get("log_level")
+        if event.get("serving") is True:
+            self.started.add(worker)
         event["worker"] = worker
         event["log_system"] = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', 'info')} worker={worker}"
         globalLogPublisher(event)

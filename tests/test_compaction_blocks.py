@@ -312,7 +312,7 @@ async def test_buffer_budget_seals_the_largest_stream_first(tmp_path: Path) -> N
         for kind, size in sizes.items():
             for n in range(4):
                 await store.append(fields(kind, n), json.dumps({"n": n, "pad": "y" * size}).encode())
-        options = CompactorOptions(min_age=0, buffer_max_bytes=12_000)
+        options = CompactorOptions(min_age=0, buffer_max_bytes=12_000, slice_seconds=30.0)
         compactor = Compactor(store, reactor, options, run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
         assert compactor.run_slice(min_age=0) is True
         raw = {buffer.stream: buffer.raw_bytes for buffer in compactor._buffers.values()}
@@ -353,6 +353,11 @@ async def test_compactor_leaves_out_item_times_its_parsers_recompute(tmp_path: P
         assert layout[4] & BLOCK_DERIVED_ITEM_TIMES
         assert [h.item_min_ns for h in headers] == [(1_796_000_000_123 + n * 7) * 10**6 for n in range(6)]
         assert [h.item_max_ns for h in headers] == [h.item_min_ns for h in headers]
+        view = store.view()
+        view.item_times = False
+        with view.begin() as txn:
+            lean = [view.decode(view.get(txn, key))[0] for key in keys]
+        assert [(h.items, h.item_min_ns, h.item_max_ns) for h in lean] == [(1, None, None)] * 6
 
         entries = [(key, header, body) for key, header, body in zip(keys, headers, bodies)]
         entries[2] = (keys[2], attrs.evolve(headers[2], item_min_ns=headers[2].item_min_ns - 1), bodies[2])
