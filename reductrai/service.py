@@ -21,7 +21,7 @@ from reductrai import __version__
 from reductrai.admin import admin_root
 from reductrai.config import UPSTREAM_KEYS, Settings
 from reductrai.forward import Forwarder
-from reductrai.listeners import ListenerError, adopt_listener, build_endpoint
+from reductrai.listeners import ListenerError, accept_one_at_a_time, adopt_listener, build_endpoint
 from reductrai.metrics import Metrics, enable_multiprocess
 from reductrai.request import IngestSite, QuietSite
 from reductrai.resource import IngestResource
@@ -253,6 +253,8 @@ class ReductraiService(service.MultiService):
             return
         for description in settings["server.listen"]:
             self.ports.append(self._listen(description, ingest_site, "ingest"))
+            if self.workers > 1:
+                accept_one_at_a_time(self.ports[-1])
         for description in settings["server.admin_listen"]:
             self.admin_ports.append(self._listen(description, admin_site, "admin"))
 
@@ -270,6 +272,7 @@ class ReductraiService(service.MultiService):
         except (ListenerError, OSError) as error:
             raise StartupError(f"cannot adopt listener {description!r}: {error}") from None
         os.close(inherited["fd"])
+        accept_one_at_a_time(port)
         return port
 
     def _listen(self, description: str, site, role: str):

@@ -109,6 +109,76 @@ def test_shared_store_opens_the_whole_map_at_once(tmp_path):
         store.close()
 
 
+def test_shared_store_adopts_a_map_another_process_grew(tmp_path):
+    """
+    Another process writes the environment with a larger map: the next
+    commit here meets MDB_MAP_RESIZED, adopts the larger size and succeeds.
+    """
+    store = RecordStore(
+        StoreOptions(path=str(tmp_path), map_size=1 << 20, max_map_size=2 << 20, durability="none", use_dictionaries=False),
+        Clock(),
+    )
+    store.shared = True
+    store.open()
+    try:
+        assert store.map_size == 2 << 20
+        grow = (
+            "import lmdb, os, sys\n"
+            "env = lmdb.open(sys.argv[1], map_size=32 << 20, max_dbs=32, subdir=True)\n"
+            "db = env.open_db(b'other')\n"
+            "with env.begin(write=True) as txn:\n"
+            "    for n in range(64):\n"
+            "        txn.put(b'%04d' % n, os.urandom(64 * 1024), db=db)\n"
+            "env.close()\n"
+        )
+        subprocess.run([sys.executable, "-c", grow, str(tmp_path)], check=True, timeout=60)
+        appended = store.append(header_fields(), b'{"series":[]}')
+        store._flush()
+        keys = []
+        appended.addCallback(keys.append)
+        assert len(keys) == 1
+        assert store.map_size == 32 << 20
+    finally:
+        store.close()
+
+
+def test_a_worker_that_does_not_train_follows_the_stored_dictionaries(tmp_path):
+    import zstandard
+
+    from reductrai.dictionaries import (
+        CURRENT_PREFIX, DICTS_DB, META_DB, Dictionary, DictionaryManager, DictionaryOptions, encode_dictionary, id_key,
+    )
+
+    samples = [b'{"series":[{"metric":"m%d","points":[{"value":%d}],"tags":["env:prod"]}]}' % (n, n) for n in range(400)]
+    trained = zstandard.train_dictionary(2048, samples).as_bytes()
+    env = open_environment(str(tmp_path), 16 << 20)
+    manager = DictionaryManager(DictionaryOptions(first_records=1), submit=lambda ops: None)
+    manager.trains = False
+    manager.load(env)
+    assert manager.compressor_for("datadog/metrics") == (None, None)
+    with env.begin(write=True) as txn:
+        dicts, meta = env.open_db(DICTS_DB, txn=txn), env.open_db(META_DB, txn=txn)
+        for number in (3, 4):
+            value = encode_dictionary(Dictionary(number, "datadog/metrics", 1, len(samples), trained))
+            txn.put(id_key(number), value, db=dicts)
+        txn.put(CURRENT_PREFIX + b"datadog/metrics", id_key(4), db=meta)
+    assert manager.refresh(env) == 1
+    dictionary_id, compressor = manager.compressor_for("datadog/metrics")
+    assert dictionary_id == 4
+    frame = compressor.compress(samples[0])
+    assert zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(trained)).decompress(frame) == samples[0]
+    # An older id, not current, is read on demand when a record needs it.
+    assert 3 not in manager.data
+    assert manager.data.get(3) == trained
+    assert manager.data.get(99) is None
+    assert manager.refresh(env) == 0
+    # Not training: nothing is sampled.
+    manager.observe("datadog/metrics", samples[1])
+    assert manager.trainings == 0
+    assert len(manager._streams["datadog/metrics"].samples) == 0
+    env.close()
+
+
 def test_entry_ids_carry_the_worker_and_stay_unique():
     upstream = upstream_id(UPSTREAM)
     made = set()
