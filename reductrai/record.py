@@ -690,7 +690,7 @@ def _decode_block_v3(data: bytes) -> Iterator[tuple[bytes, bytes, bytes]]:
         if items[index]:
             fields["items"] = items[index] - 1
         if derived and items[index]:
-            # parse_packed_header recomputes them when its caller asks.
+            # parse_packed_header recomputes them when its caller requests them.
             fields[_DERIVED_MARK] = True
             item_min_ns = item_max_ns = None
         else:

@@ -141,7 +141,7 @@ def millisecond_entries(count: int, seed: int = 11) -> list[tuple[bytes, RecordH
     return entries
 
 
-def test_scaled_time_columns_round_trip_and_shrink() -> None:
+def test_scaled_time_columns_round_trip() -> None:
     """
     Whole-millisecond keys and whole-second item times read back exactly,
     and their columns cost at least 2 bytes a record less than the same
@@ -165,7 +165,7 @@ def test_scaled_time_columns_round_trip_and_shrink() -> None:
     assert unscaled - scaled >= 2 * len(entries)
 
 
-def test_version_3_blocks_without_time_scales_stay_readable() -> None:
+def test_unscaled_v3_blocks_stay_readable() -> None:
     """
     Blocks written before the time scales existed have no scale varints
     and no L{BLOCK_SCALED_TIMES} flag.  With odd nanosecond times every
@@ -175,7 +175,8 @@ def test_version_3_blocks_without_time_scales_stay_readable() -> None:
     entries = sample_entries(30)
     sections = block_v3_sections(entries)
     head = bytearray(sections[0])
-    assert head[4] & BLOCK_SCALED_TIMES and head[-3:] == b"\x01\x01\x01"
+    assert head[4] & BLOCK_SCALED_TIMES
+    assert head[-3:] == b"\x01\x01\x01"
     head[4] &= ~BLOCK_SCALED_TIMES
     old_layout = bytes(head[:-3]) + b"".join(sections[1:])
     rows = list(decode_block(old_layout))
@@ -184,11 +185,11 @@ def test_version_3_blocks_without_time_scales_stay_readable() -> None:
         assert parse_packed_header(head_bytes, key, body) == header
 
 
-def test_equal_times_and_unknown_flags() -> None:
+def test_block_equal_times_and_unknown_flags() -> None:
     """
     Records that all arrive in one millisecond (every delta but the first
-    is 0) read back; a block with a flag this version does not know is
-    refused.
+    is 0) read back.  A block with a flag this version does not know is
+    rejected.
     """
     body = b"{}"
     entries = [(make_key(10**18, n), make_header(10**18, body), body) for n in range(5)]
@@ -276,7 +277,7 @@ def test_compress_block_frame_checks_content() -> None:
 def test_block_index_entry_round_trip(item_times) -> None:
     """
     A block index entry reads back equal from its binary value, which is
-    a fraction of the JSON that earlier versions wrote; that JSON still
+    a fraction of the JSON that earlier versions wrote.  That JSON still
     reads back too.
     """
     first_key, last_key = make_key(1_796_000_000 * 10**9, 7), make_key(1_796_003_600 * 10**9, 99)
@@ -299,10 +300,10 @@ def test_block_index_entry_round_trip(item_times) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_buffer_budget_seals_the_largest_stream_first(tmp_path: Path) -> None:
+async def test_buffer_budget_seals_largest_stream(tmp_path: Path) -> None:
     """
-    Caught up, the compactor keeps filling each stream's buffer; once the
-    buffers together pass C{buffer_max_bytes} it seals the largest one and
+    Caught up, the compactor keeps filling each stream's buffer.  Once the
+    buffers together pass C{buffer_max_bytes}, it seals the largest one and
     keeps the others for more records.
     """
     store = RecordStore(StoreOptions(path=str(tmp_path / "store"), durability="none"), reactor)
@@ -318,7 +319,8 @@ async def test_buffer_budget_seals_the_largest_stream_first(tmp_path: Path) -> N
         raw = {buffer.stream: buffer.raw_bytes for buffer in compactor._buffers.values()}
         assert sum(raw.values()) > options.buffer_max_bytes
         info = await compactor._seal_due(force=False, caught_up=True)
-        assert info.stream == "datadog/logs" and info.records == 4
+        assert info.stream == "datadog/logs"
+        assert info.records == 4
         assert set(buffer.stream for buffer in compactor._buffers.values()) == {"datadog/metrics", "datadog/events"}
         assert sum(buffer.raw_bytes for buffer in compactor._buffers.values()) <= options.buffer_max_bytes
         assert compactor._seal_due(force=False, caught_up=True) is None
@@ -327,11 +329,12 @@ async def test_buffer_budget_seals_the_largest_stream_first(tmp_path: Path) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_compactor_leaves_out_item_times_its_parsers_recompute(tmp_path: Path) -> None:
+async def test_compactor_omits_derivable_item_times(tmp_path: Path) -> None:
     """
     Records whose item time ranges the parsers reproduce from the body
     are packed without them, flagged so, and read back with the same
-    ranges; one record whose stored range differs keeps the columns.
+    ranges.  A block with one record whose stored range differs keeps the
+    columns.
     """
     store = RecordStore(StoreOptions(path=str(tmp_path / "store"), durability="none"), reactor)
     store.open()

@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
+from reductrai.formats import json_text
 from reductrai.formats.items import (
     EVENT,
     LOG,
@@ -65,9 +66,6 @@ _INT64_MAX = (1 << 63) - 1
 _NANOSECONDS = {"s": 10**9, "ms": 10**6}
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
 
 def _load_json(body: bytes) -> Any:
     """
@@ -76,7 +74,7 @@ def _load_json(body: bytes) -> Any:
     @raise PayloadError: the body is not valid JSON.
     """
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json_text.loads(body, reject_constants=True)
     except (ValueError, RecursionError) as error:
         raise PayloadError("invalid JSON") from error
 

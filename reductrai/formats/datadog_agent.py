@@ -27,13 +27,13 @@ Span items take C{error != 0} as level C{"error"}; the trace id joins the
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import msgpack
 from google.protobuf.message import DecodeError, Message
 
+from reductrai.formats import json_text
 from reductrai.formats.items import (
     METRIC,
     SKETCH,
@@ -314,7 +314,7 @@ def parse_agent_payload(body: bytes) -> ParsedPayload:
 
 def _load_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json_text.loads(body)
     except (ValueError, RecursionError):
         raise PayloadError("invalid JSON") from None
 

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
 
+from reductrai.formats import json_text
 from reductrai.formats.items import LOG, METADATA, Item, ParsedPayload, PayloadContext, PayloadError
 
 #: Bulk actions; all but C{delete} are followed by a source line.
@@ -71,12 +72,9 @@ class BulkAction:
     error: Optional[str] = None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
 
 def _loads(line: bytes) -> Any:
-    return json.loads(line, parse_constant=_reject_constant)
+    return json_text.loads(line, reject_constants=True)
 
 
 def _path_index(path: str) -> Optional[str]:

@@ -22,12 +22,12 @@ that is present (see L{SERVICE_LABELS}, L{HOST_LABELS}, L{LEVEL_LABELS}).
 from __future__ import annotations
 
 import calendar
-import json
 import re
 from typing import Any, Mapping, Optional
 
 from google.protobuf.message import DecodeError
 
+from reductrai.formats import json_text
 from reductrai.formats.items import LOG, Item, ParsedPayload, PayloadContext, PayloadError
 from reductrai.proto import loki_push_pb2
 
@@ -197,7 +197,7 @@ def _parse_protobuf(body: bytes) -> ParsedPayload:
 
 def _parse_json(body: bytes) -> ParsedPayload:
     try:
-        document = json.loads(body)
+        document = json_text.loads(body)
     except (ValueError, RecursionError):
         raise PayloadError("invalid JSON") from None
     if not isinstance(document, dict):

@@ -41,6 +41,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Mapping, Optional
 
 from reductrai.formats import zipkin
+from reductrai.formats import json_text
 from reductrai.formats.items import (
     EVENT,
     LOG,
@@ -59,13 +60,10 @@ _INT64_MAX = (1 << 63) - 1
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
 
 def _load_json(body: bytes) -> Any:
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json_text.loads(body, reject_constants=True)
     except (ValueError, RecursionError) as error:
         raise PayloadError("invalid JSON") from error
 

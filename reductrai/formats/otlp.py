@@ -35,6 +35,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from reductrai.formats import json_text
 from reductrai.formats.items import (
     LOG,
     METRIC,
@@ -218,7 +219,7 @@ def _decode_json(body: bytes, cls: type[Message]) -> Any:
         or a value of the wrong type for its field.
     """
     try:
-        document = json.loads(body)
+        document = json_text.loads(body)
     except (ValueError, RecursionError):
         raise PayloadError("invalid JSON") from None
     if not isinstance(document, dict):

@@ -25,17 +25,14 @@ this parser.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Optional
 
+from reductrai.formats import json_text
 from reductrai.formats.items import SPAN, Item, ParsedPayload, PayloadContext, PayloadError
 
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _INT64_MAX = (1 << 63) - 1
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def _is_hex(value: str, max_length: int) -> bool:
@@ -139,7 +136,7 @@ def parse(body: bytes, context: PayloadContext) -> ParsedPayload:
     @raise PayloadError: the body is not a JSON list of valid spans.
     """
     try:
-        document = json.loads(body, parse_constant=_reject_constant)
+        document = json_text.loads(body, reject_constants=True)
     except (ValueError, RecursionError) as error:
         raise PayloadError("invalid JSON") from error
     if not isinstance(document, list):
