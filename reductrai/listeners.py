@@ -120,7 +120,7 @@ def build_endpoint(
 
 def is_tls(description: str) -> bool:
     """
-    Whether an endpoint string is an C{ssl:} listener.
+    Return whether an endpoint string is an C{ssl:} listener.
     """
     positional, _ = split_description(description)
     return bool(positional) and positional[0].lower() == "ssl"
@@ -138,7 +138,7 @@ def adopt_listener(
 ):
     """
     Serve C{factory} on a listening socket bound by another process (the
-    worker 0 of L{reductrai.workers}), wrapped in TLS exactly as
+    worker 0 of L{reductrai.worker}), wrapped in TLS exactly as
     L{build_endpoint} wraps the listener of C{description}.  The reactor
     duplicates C{fd}; the caller closes its copy.
 
@@ -159,10 +159,10 @@ def accept_one_at_a_time(port) -> None:
     """
     Make a listening port accept one connection per readiness event, where
     Twisted accepts up to a hundred (and more after each full batch).
-    When several processes share the listening socket, the first awake
-    would otherwise take a whole burst of new connections; one at a time,
-    a busy process leaves them to an idle one, which spreads the
-    connections over the processes.
+    When several processes share the listening socket, the first one awake
+    would otherwise take a whole burst of new connections.  Accepting one
+    at a time, a busy process leaves new connections to an idle one, so
+    the connections spread over the processes.
     """
     original = port.doRead
 

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.mmap_dict import MmapedDict
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "enable_multiprocess", "forget_worker"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "enable_multiprocess", "forget_worker", "prepare_metrics_dir"]
 
 #: Name of the private metrics directory inside the data directory.
 METRICS_DIR = "metrics"
@@ -35,30 +35,41 @@ METRICS_DIR = "metrics"
 _COUNTER_FILE = re.compile(r"^counter_(\d+)\.db$")
 
 
-def enable_multiprocess(data_dir: str, worker: int, clear: bool = False) -> str:
+def enable_multiprocess(data_dir: str, worker: int) -> str:
     """
     Put this process's prometheus_client in multiprocess mode, its files
-    named for C{worker}, in the directory L{METRICS_DIR} of C{data_dir}
-    (created with mode 0700).  Call it before the first metric value is
-    created: values made before keep living in memory only.
+    named for C{worker}, in the directory L{METRICS_DIR} of C{data_dir}.
+    Call it before the first metric value is created, because values
+    created before stay in memory only.  The files are created with the
+    first values, after L{prepare_metrics_dir}.
 
-    @param clear: remove the files of a previous run (worker 0, at start).
     @return: the directory.
     """
     directory = os.path.join(data_dir, METRICS_DIR)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    identifier = str(worker)
+    values.ValueClass = values.MultiProcessValue(lambda: identifier)
+    return directory
+
+
+def prepare_metrics_dir(directory: str, clear: bool) -> None:
+    """
+    Create the multiprocess metrics directory with mode 0700 as the user
+    the daemon runs as (after twistd's C{--uid}), or check an existing one.
+
+    @param clear: remove the files of a previous run (worker 0, before it
+        starts the other workers).
+    @raise OSError: it cannot be created, or another user owns it.
+    """
     os.makedirs(directory, mode=0o700, exist_ok=True)
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise OSError(f"{directory} is not a directory owned by this user")
+        raise OSError(f"{directory} is not a directory owned by user id {os.getuid()}")
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(directory, 0o700)
     if clear:
         for path in glob.glob(os.path.join(directory, "*.db")):
             os.remove(path)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    identifier = str(worker)
-    values.ValueClass = values.MultiProcessValue(lambda: identifier)
-    return directory
 
 
 def forget_worker(directory: str, worker: int) -> None:
@@ -70,7 +81,7 @@ def forget_worker(directory: str, worker: int) -> None:
 
 class WorkerRequestsCollector:
     """
-    C{reductrai_worker_requests}: the ingest requests each worker answered,
+    C{reductrai_worker_requests}: the ingest requests each worker served,
     read from the per-worker counter files at scrape time.
     """
 
@@ -199,9 +210,9 @@ class Metrics:
 
     def add_collector(self, collector) -> None:
         """
-        Register a custom collector (one that reads state at scrape time,
-        such as the spool's gauges); in multiprocess mode it is shown
-        beside the workers' summed metrics.
+        Register a custom collector, one that reads state at scrape time
+        such as the spool's gauges.  In multiprocess mode its metrics are
+        shown beside the workers' summed metrics.
         """
         self.registry.register(collector)
         self._collectors.append(collector)

@@ -215,7 +215,7 @@ class IngestResource(Resource):
 
     def _reject_encoding(self, request, match: Match, context, error: EncodingError):
         """
-        Answer a body that could not be decoded: 415 for an unsupported
+        Reject a body that could not be decoded: 415 for an unsupported
         encoding, 413 for a decoded body over the cap, 400 otherwise.
         """
         vendor = match.vendor
@@ -227,7 +227,8 @@ class IngestResource(Resource):
 
     def _decode_failed(self, request, match: Match, context, failure: Failure):
         """
-        Answer a body whose decoding in a thread failed.
+        Reject a body whose decoding in a thread failed, or pass on an
+        unexpected failure.
         """
         if failure.check(EncodingError):
             return self._reject_encoding(request, match, context, failure.value)
@@ -235,8 +236,9 @@ class IngestResource(Resource):
 
     def _ingest_failed(self, failure: Failure, request, match: Match) -> None:
         """
-        Answer 500 when handling a request after its body was decoded in a
-        thread raised: synchronously, twisted.web would have answered it.
+        Log an unexpected error raised while handling a request whose body
+        was decoded in a thread, and respond 500 as twisted.web does for an
+        error raised by C{render}.
         """
         self.log.failure("Handling a {vendor} request failed", failure, vendor=match.vendor.name)
         if not request.finished and not request._disconnected:

@@ -5,6 +5,7 @@ admin listeners, started and stopped together.
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import sys
@@ -22,8 +23,9 @@ from reductrai.admin import admin_root
 from reductrai.config import UPSTREAM_KEYS, Settings
 from reductrai.forward import Forwarder
 from reductrai.listeners import ListenerError, accept_one_at_a_time, adopt_listener, build_endpoint
-from reductrai.metrics import Metrics, enable_multiprocess
+from reductrai.metrics import Metrics, enable_multiprocess, prepare_metrics_dir
 from reductrai.request import IngestSite, QuietSite
+from reductrai.encoding import OFFLOAD_BYTES as DECODE_OFFLOAD_BYTES
 from reductrai.resource import IngestResource
 from reductrai.store import RecordStore, StoreOptions
 from reductrai.tls import ensure_dev_certificate
@@ -116,17 +118,10 @@ class ReductraiService(service.MultiService):
         self._inherited = inherited or []
         self._config_path = config_path
         self._data_dir = os.path.abspath(settings["server.data_dir"])
-        self._early_error: Optional[StartupError] = None
         metrics_dir = None
         if self.workers > 1:
             # Before the first metric value exists (see reductrai.metrics).
-            try:
-                prepare_data_dir(self._data_dir)
-                metrics_dir = enable_multiprocess(self._data_dir, worker, clear=worker == 0)
-            except StartupError as error:
-                self._early_error = error
-            except OSError as error:
-                self._early_error = StartupError(f"cannot prepare the metrics directory: {error}")
+            metrics_dir = enable_multiprocess(self._data_dir, worker)
         self.metrics = Metrics(metrics_dir)
         self.pool = None
         self._loops: list = []
@@ -182,8 +177,6 @@ class ReductraiService(service.MultiService):
         report_startup_error(error)
 
     def _bind(self) -> None:
-        if self._early_error is not None:
-            raise self._early_error
         prepare_data_dir(self._data_dir)
         settings = self.settings
         if self.mode != "forward-only":
@@ -195,6 +188,8 @@ class ReductraiService(service.MultiService):
                     compression_level=settings["storage.compression_level"],
                     durability=settings["storage.durability"],
                     sync_interval=settings["storage.sync_interval"],
+                    # With one process per core, no core is free for threads.
+                    **({"offload_bytes": 0} if self.workers > 1 else {}),
                 ),
                 self.reactor,
             )
@@ -223,6 +218,7 @@ class ReductraiService(service.MultiService):
             sampling=self.sampling, sampling_counters=self.sampling_counters,
             index_items=settings["storage.index_items"],
             spool_on_failure=settings["spool.on_upstream_failure"],
+            offload_decode_bytes=0 if self.workers > 1 else DECODE_OFFLOAD_BYTES,
         )
         self.ingest_resource = resource
         try:
@@ -298,6 +294,11 @@ class ReductraiService(service.MultiService):
         return outcome
 
     def startService(self) -> None:
+        if self.metrics.multiprocess_dir is not None:
+            try:
+                prepare_metrics_dir(self.metrics.multiprocess_dir, clear=self.worker == 0)
+            except OSError as error:
+                self._abort(StartupError(f"cannot prepare the metrics directory: {error}"))
         if self.store is not None:
             try:
                 self.store.open()
@@ -309,6 +310,9 @@ class ReductraiService(service.MultiService):
         self.reloader.install()
         if self.workers > 1 and self.worker == 0:
             self._start_workers()
+        # Objects alive after start-up (modules, route tables, settings)
+        # live as long as the process: the collector stops scanning them.
+        gc.freeze()
         upstreams = [f"{key}={self.settings[key]}" for key in UPSTREAM_KEYS if self.settings[key]]
         upstream = ", ".join(upstreams) if upstreams else "none"
         if self.mode == "sample":

@@ -105,10 +105,10 @@ class StoreOptions:
         thread (a process crash loses nothing, a power loss at most that
         interval); C{"none"} leaves syncing to the operating system.
     @ivar offload_bytes: bodies of at least this many bytes are checksummed
-        and compressed in a thread of the reactor's pool (zlib and zstd
-        release the GIL there), so the reactor thread goes on with other
-        requests; smaller ones are encoded inline, where a thread hop would
-        cost more than it saves.  C{0} encodes everything inline.
+        and compressed in a thread of the reactor's pool, where zlib and
+        zstd release the GIL, so the reactor thread serves other requests
+        meanwhile.  Smaller ones are encoded inline because a thread hop
+        would cost more than it saves.  C{0} encodes everything inline.
     """
 
     path: str
@@ -147,8 +147,8 @@ def open_environment(path: str, map_size: int, readonly: bool = False, sync: boo
 
 class _ThreadCodecs(threading.local):
     """
-    The record codec and dictionary compressors of one encoding thread:
-    zstd contexts must not be used by two threads at once.
+    The record codec and dictionary compressors of one encoding thread,
+    because two threads must not use one zstd context at the same time.
 
     @ivar compressors: dictionary id to compressor, at most
         L{MAX_COMPRESSORS} of them (the oldest is dropped).
@@ -246,10 +246,10 @@ class RecordStore:
         # each see MDB_MAP_RESIZED at their next transaction, readers
         # included; the map is only address space until pages are written,
         # so shared environments take the maximum at once.
-        wanted = self.options.max_map_size if self.shared else self.options.map_size
-        self.env = open_environment(self.options.path, wanted, sync=durable)
+        size = self.options.max_map_size if self.shared else self.options.map_size
+        self.env = open_environment(self.options.path, size, sync=durable)
         info = self.env.info()
-        self.map_size = max(info["map_size"], wanted)
+        self.map_size = max(info["map_size"], size)
         self._records = self.env.open_db(RECORDS_DB)
         self._databases = {RECORDS_DB: self._records}
         with self.env.begin(write=True) as txn:
@@ -371,7 +371,8 @@ class RecordStore:
             ops.extend(index_ops(key, items))
         offload = self._run_in_thread is not None and 0 < self.options.offload_bytes <= len(body)
         if offload:
-            encoded = self._run_in_thread(self._encode_in_thread, fields, body, dictionary)
+            dictionary_data = self.dictionaries.data.get(dictionary) if dictionary is not None else None
+            encoded = self._run_in_thread(self._encode_in_thread, fields, body, dictionary, dictionary_data)
         else:
             value = self._codec.encode(RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields), body, compressor)
         if self.options.use_dictionaries:
@@ -389,17 +390,22 @@ class RecordStore:
             waiting.value = value
         return d
 
-    def _encode_in_thread(self, fields: dict, body: bytes, dictionary: Optional[int]) -> bytes:
+    def _encode_in_thread(
+        self, fields: dict, body: bytes, dictionary: Optional[int], dictionary_data: Optional[bytes]
+    ) -> bytes:
         """
         Checksum and compress a record in a pool thread, with that
         thread's own zstd contexts.
+
+        @param dictionary_data: the bytes of C{dictionary}, read by the
+            reactor thread.
         """
         local = self._thread_codecs
         compressor = None
         if dictionary is not None:
             compressor = local.compressors.get(dictionary)
             if compressor is None:
-                data = self.dictionaries.data.get(dictionary)
+                data = dictionary_data
                 if data is None:
                     raise StoreError(f"dictionary {dictionary} is not loaded")
                 # The parameters of the reactor thread's compressor
@@ -828,6 +834,7 @@ class StoreView:
                 self.handles[name] = None
         self._decompressor = zstandard.ZstdDecompressor()
         self._blocks: "OrderedDict[bytes, object]" = OrderedDict()
+        self._positions: dict[bytes, dict[bytes, int]] = {}
         #: Whether packed headers get the item time ranges their block
         #: left to be recomputed (a parse of each body).  Readers that
         #: parse the bodies for their items anyway turn it off.
@@ -879,9 +886,9 @@ class StoreView:
                 continue
             # Blocks of different streams overlap in time, so the key may
             # be in another stream's block.
-            for entry in self.block_entries(txn, info):
-                if entry.key == key:
-                    return entry
+            entry = self.block_entry(txn, info, key)
+            if entry is not None:
+                return entry
         return None
 
     def streams(self, txn: lmdb.Transaction) -> list[str]:
@@ -977,8 +984,35 @@ class StoreView:
         entries = list(decode_block(raw))
         self._blocks[info.key] = entries
         if len(self._blocks) > self.BLOCK_CACHE:
-            self._blocks.popitem(last=False)
+            evicted, _ = self._blocks.popitem(last=False)
+            self._positions.pop(evicted, None)
         return entries
+
+    def block_entry(self, txn: lmdb.Transaction, info: BlockInfo, key: bytes) -> Optional[Entry]:
+        """
+        Return the entry of C{key} in one block, an entry with the error
+        when the block cannot be read, or L{None} when the block does not
+        hold the key.  Only that record's header is parsed.
+        """
+        try:
+            rows = self.read_block(txn, info)
+        except RecordError as error:
+            return Entry(info.first_key, None, info.stored_bytes, block=info.key, error=f"block {info.stream}: {error}")
+        positions = self._positions.get(info.key)
+        if positions is None:
+            positions = self._positions[info.key] = {row[0]: index for index, row in enumerate(rows)}
+        index = positions.get(key)
+        if index is None:
+            return None
+        return self._packed_entry(info, *rows[index])
+
+    def _packed_entry(self, info: BlockInfo, key: bytes, head: bytes, body: bytes) -> Entry:
+        share = info.stored_bytes * (len(head) + len(body)) // max(info.raw_bytes, 1)
+        try:
+            header = parse_packed_header(head, key, body, self.item_times)
+        except RecordError as error:
+            return Entry(key, None, share, block=info.key, error=str(error))
+        return Entry(key, header, share, block=info.key, body_bytes=body)
 
     def block_entries(self, txn: lmdb.Transaction, info: BlockInfo, floor: int = 0) -> Iterator[Entry]:
         """
@@ -990,17 +1024,10 @@ class StoreView:
         except RecordError as error:
             yield Entry(info.first_key, None, info.stored_bytes, block=info.key, error=f"block {info.stream}: {error}")
             return
-        raw_total = max(info.raw_bytes, 1)
         for key, head, body in rows:
             if int.from_bytes(key[:8], "big") < floor:
                 continue
-            share = info.stored_bytes * (len(head) + len(body)) // raw_total
-            try:
-                header = parse_packed_header(head, key, body, self.item_times)
-            except RecordError as error:
-                yield Entry(key, None, share, block=info.key, error=str(error))
-                continue
-            yield Entry(key, header, share, block=info.key, body_bytes=body)
+            yield self._packed_entry(info, key, head, body)
 
     def scan(
         self,

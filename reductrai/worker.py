@@ -7,14 +7,18 @@ and starts workers 1 to N-1 with L{WorkerPool}, each a
 C{python -m reductrai.worker} process that gets the listening sockets as
 inherited descriptors and adopts them (C{reactor.adoptStreamPort}), with
 the same TLS wrapping (L{reductrai.listeners.adopt_listener}).  The kernel
-hands each new connection to whichever process accepts it first.
+hands each new connection to whichever process accepts it first.  Every
+process accepts one connection per wake-up
+(L{reductrai.listeners.accept_one_at_a_time}), so a busy process leaves
+new connections to an idle one.
 
-A worker learns its settings from one JSON line on its standard input:
-its id, the configuration file, every resolved setting that is not a
-secret (as command-line overrides, so that it runs with exactly worker
-0's values) and its listeners.  Secrets are read again from the same file
-and environment, which the worker inherits; nothing secret is put on a
-command line or added to the environment.  The standard input stays open:
+A worker reads its settings from one JSON line on its standard input: its
+id, the configuration file, its listeners, and every resolved setting
+that is not a secret.  Those settings are applied as command-line
+overrides, so the worker runs with exactly worker 0's values.  The
+worker reads its secrets again from the same file and from the
+environment it inherits.  Nothing secret is put on a command line or
+added to the environment.  The standard input stays open:
 its end (worker 0 gone, even killed) stops the worker.  The worker writes
 its log events as JSON lines on its standard output; worker 0 logs them
 with a C{worker} field.
@@ -70,8 +74,8 @@ def listener_specs(descriptions: list[str], ports: list, first_fd: int = 3) -> t
 
 def settings_overrides(settings) -> dict[str, Any]:
     """
-    Every resolved setting that is not a secret, keyed by setting, to hand
-    to a worker as command-line overrides.
+    Return every resolved setting that is not a secret, keyed by setting,
+    to hand to a worker as command-line overrides.
     """
     from reductrai.config import FIELDS
 

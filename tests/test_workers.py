@@ -47,34 +47,34 @@ def _store(path: Path, worker: int, clock_ns: Callable[[], int]) -> RecordStore:
     return store
 
 
-def test_record_keys_carry_the_worker_in_the_top_four_bits(tmp_path):
+def test_record_key_worker_bits(tmp_path):
     now = 1_700_000_000_123_000_000
     keys = {}
     for worker in (0, 1, 15):
         store = _store(tmp_path / str(worker), worker, lambda: now)
         keys[worker] = [store.next_key() for _ in range(1000)]
-    for worker, made in keys.items():
-        sequences = [split_key(key)[1] for key in made]
+    for worker, generated in keys.items():
+        sequences = [split_key(key)[1] for key in generated]
         assert {sequence >> 28 for sequence in sequences} == {worker}
         assert [sequence & 0x0FFFFFFF for sequence in sequences] == list(range(1, 1001))
-        assert made == sorted(made)
+        assert generated == sorted(generated)
     assert len(set(keys[0]) | set(keys[1]) | set(keys[15])) == 3000
 
 
-def test_record_sequence_wrap_moves_to_the_next_millisecond_within_the_worker(tmp_path):
+def test_record_sequence_wrap_per_worker(tmp_path):
     now = 1_700_000_000_000_000_000
     store = _store(tmp_path, 5, lambda: now)
     store._sequence = (1 << 28) - 2
-    made = [store.next_key() for _ in range(3)]
-    times = [split_key(key)[0] for key in made]
-    sequences = [split_key(key)[1] for key in made]
+    generated = [store.next_key() for _ in range(3)]
+    times = [split_key(key)[0] for key in generated]
+    sequences = [split_key(key)[1] for key in generated]
     assert times == [now, now + 1_000_000, now + 1_000_000]
     assert [sequence >> 28 for sequence in sequences] == [5, 5, 5]
     assert [sequence & 0x0FFFFFFF for sequence in sequences] == [(1 << 28) - 1, 0, 1]
-    assert made == sorted(made)
+    assert generated == sorted(generated)
 
 
-def test_shared_store_commits_keys_below_the_last_one(tmp_path):
+def test_shared_store_commits_lower_keys(tmp_path):
     """
     Two processes interleave keys; a shared store must accept a key lower
     than the greatest stored one, which LMDB's append mode refuses.
@@ -93,14 +93,15 @@ def test_shared_store_commits_keys_below_the_last_one(tmp_path):
         keys = []
         high.addCallback(keys.append)
         low.addCallback(keys.append)
-        assert len(keys) == 2 and keys[1] < keys[0]
+        assert len(keys) == 2
+        assert keys[1] < keys[0]
         with store.env.begin() as txn:
             assert txn.stat(store.database(b"records"))["entries"] == 2
     finally:
         store.close()
 
 
-def test_shared_store_opens_the_whole_map_at_once(tmp_path):
+def test_shared_store_opens_whole_map(tmp_path):
     store = _store(tmp_path, 1, time.time_ns)
     store.open()
     try:
@@ -109,7 +110,7 @@ def test_shared_store_opens_the_whole_map_at_once(tmp_path):
         store.close()
 
 
-def test_shared_store_adopts_a_map_another_process_grew(tmp_path):
+def test_shared_store_adopts_grown_map(tmp_path):
     """
     Another process writes the environment with a larger map: the next
     commit here meets MDB_MAP_RESIZED, adopts the larger size and succeeds.
@@ -142,7 +143,7 @@ def test_shared_store_adopts_a_map_another_process_grew(tmp_path):
         store.close()
 
 
-def test_a_worker_that_does_not_train_follows_the_stored_dictionaries(tmp_path):
+def test_non_training_worker_follows_dictionaries(tmp_path):
     import zstandard
 
     from reductrai.dictionaries import (
@@ -179,17 +180,17 @@ def test_a_worker_that_does_not_train_follows_the_stored_dictionaries(tmp_path):
     env.close()
 
 
-def test_entry_ids_carry_the_worker_and_stay_unique():
+def test_entry_id_worker_bits():
     upstream = upstream_id(UPSTREAM)
-    made = set()
+    generated = set()
     for worker in range(16):
         for sequence in (0, 1, (1 << 28) - 1, 1 << 28, 0xFFFFFFFF):
             entry = make_entry_id(upstream, 42, sequence, worker)
             assert entry_worker(entry) == worker
             assert entry_time_ns(entry) == 42
-            made.add(entry)
+            generated.add(entry)
     # Sequences equal in their low 28 bits collide within a worker only.
-    assert len(made) == 16 * 3
+    assert len(generated) == 16 * 3
 
 
 _KEY = os.urandom(32)
@@ -202,7 +203,7 @@ def _spool(store, clock, forwarder, worker: int, drains: bool, clock_ns) -> Spoo
     return Spool(store, forwarder, clock, options, KeyBox(_KEY), clock_ns=clock_ns, worker=worker, drains=drains)
 
 
-def test_drain_leaves_another_workers_young_entries_to_it(tmp_path):
+def test_drain_skips_other_worker_young_entries(tmp_path):
     """
     Worker 0 does not send an entry of worker 1 until the live grace since
     its creation has passed; worker 1 itself never drains.
@@ -244,6 +245,94 @@ def test_drain_leaves_another_workers_young_entries_to_it(tmp_path):
     for spool in (child, drainer):
         spool.stop()
     store.close()
+
+
+# Supervision
+
+
+class _FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written: list[bytes] = []
+        self.signals: list[str] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append(data)
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _SpawningClock(Clock):
+    """
+    A clock that records C{spawnProcess} calls instead of starting
+    processes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[object, _FakeTransport, dict]] = []
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None, childFDs=None):
+        transport = _FakeTransport(1000 + len(self.spawned))
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport, childFDs))
+        return transport
+
+
+def _end(proto, signal_number: Optional[int] = None) -> None:
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+    from twisted.python.failure import Failure
+
+    reason = ProcessTerminated(signal=signal_number) if signal_number else ProcessDone(0)
+    proto.processEnded(Failure(reason))
+
+
+def test_pool_restarts_with_doubling_backoff():
+    from reductrai.worker import FIRST_BACKOFF, WorkerPool
+
+    clock = _SpawningClock()
+    ended = []
+    pool = WorkerPool(clock, 3, lambda worker: {"worker": worker}, {3: 7}, stop_timeout=5.0, on_worker_ended=ended.append)
+    pool.startService()
+    assert [json.loads(t.written[0]) for _, t, _ in clock.spawned] == [{"worker": 1}, {"worker": 2}]
+    assert all(fds[3] == 7 and fds[0] == "w" for _, _, fds in clock.spawned)
+    assert pool.pids == {1: 1000, 2: 1001}
+    first, _, _ = clock.spawned[0]
+    _end(first, signal.SIGKILL)
+    assert ended == [1]
+    assert pool.pids == {2: 1001}
+    clock.advance(FIRST_BACKOFF - 0.01)
+    assert len(clock.spawned) == 2
+    clock.advance(0.01)
+    assert len(clock.spawned) == 3
+    assert pool.pids == {1: 1002, 2: 1001}
+    # It died again at once: the next delay doubles.
+    _end(clock.spawned[2][0], signal.SIGKILL)
+    clock.advance(2 * FIRST_BACKOFF - 0.01)
+    assert len(clock.spawned) == 3
+    clock.advance(0.01)
+    assert len(clock.spawned) == 4
+
+
+def test_pool_stop_terms_then_kills_by_pid():
+    from reductrai.worker import WorkerPool
+
+    clock = _SpawningClock()
+    pool = WorkerPool(clock, 3, lambda worker: {"worker": worker}, {}, stop_timeout=5.0)
+    pool.startService()
+    stopped = []
+    pool.stopService().addCallback(stopped.append)
+    assert [t.signals for _, t, _ in clock.spawned] == [["TERM"], ["TERM"]]
+    _end(clock.spawned[0][0])
+    clock.advance(5.0)
+    assert [t.signals for _, t, _ in clock.spawned] == [["TERM"], ["TERM", "KILL"]]
+    assert stopped == []
+    _end(clock.spawned[1][0], signal.SIGKILL)
+    assert stopped == [None]
+    # Not restarted once stopping.
+    clock.advance(60.0)
+    assert len(clock.spawned) == 2
 
 
 # The real daemon
@@ -410,8 +499,8 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 
 def metric_sum(samples, name: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(value for (found, have), value in samples.items() if found == name and wanted <= have)
+    expected = set(labels.items())
+    return sum(value for (found, have), value in samples.items() if found == name and expected <= have)
 
 
 def stored_markers(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
@@ -454,7 +543,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_workers_store_every_request_once_and_share_metrics(tmp_path):
+async def test_two_workers_store_once(tmp_path):
     daemon = DaemonProcess(tmp_path / "data", "--mode", "store-only")
     try:
         await threads.deferToThread(daemon.wait_ready)
@@ -481,7 +570,7 @@ async def test_two_workers_store_every_request_once_and_share_metrics(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_killed_worker_is_restarted_and_loses_nothing_answered(tmp_path):
+async def test_killed_worker_restarts_losing_nothing(tmp_path):
     daemon = DaemonProcess(tmp_path / "data", "--mode", "store-only")
     try:
         await threads.deferToThread(daemon.wait_ready)
@@ -518,7 +607,7 @@ async def test_killed_worker_is_restarted_and_loses_nothing_answered(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_workers_forward_every_request_once(tmp_path):
+async def test_two_workers_forward_once(tmp_path):
     upstream = Upstream()
     daemon = DaemonProcess(tmp_path / "data", "--mode", "forward", "--forward-to", upstream.url)
     try:

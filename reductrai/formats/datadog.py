@@ -167,8 +167,8 @@ def _tags_from_list(value: Any, label: str = "tags") -> dict[str, str]:
 
 
 def _tags_from_string(value: str, tags: dict[str, str]) -> None:
-    # L{_add_tag} inlined: this runs for every log line of a batch.  Tag
-    # values are always strings, so a missing key reads as None.
+    # L{_add_tag} is inlined because this runs for every log line of a
+    # batch.  Tag values are always strings, so None means a missing key.
     for tag in value.split(","):
         tag = tag.strip()
         if tag:
@@ -501,19 +501,45 @@ def _hex_from_decimal(value: Any, width: int) -> Optional[str]:
 _MISSING = object()
 
 
-def _log_item(record: Mapping[str, Any], position: int, query_tags: Mapping[str, str]) -> Item:
-    # Written for speed (it runs for every log line of a batch): the
-    # reserved fields are read with one bound C{get} each, strings are
-    # tested with C{type() is str} before the general check, and the checks
-    # keep the order of the errors a client sees (ddtags, ddsource,
-    # hostname, status, service, then the timestamp).
+#: Distinct C{ddtags} strings whose tags one batch keeps parsed.
+_DDTAGS_CACHE_SIZE = 256
+
+
+def _log_item(
+    record: Mapping[str, Any],
+    position: int,
+    query_tags: Mapping[str, str],
+    ddtags_cache: Optional[dict[str, dict[str, str]]] = None,
+) -> Item:
+    """
+    Build the item of one log.
+
+    @param ddtags_cache: maps a C{ddtags} string to the tags it gives on
+        top of C{query_tags}.  The logs of one batch share it because they
+        usually repeat a few C{ddtags} strings.  L{None} parses every time.
+    """
+    # This runs for every log line of a batch, so fields are read through
+    # one bound C{get} and strings are tested with C{type() is str} first.
+    # The checks keep the order of the errors a client receives: ddtags,
+    # ddsource, hostname, status, service, then the timestamp.
     get = record.get
-    tags = dict(query_tags) if query_tags else {}
     ddtags = get("ddtags")
-    if ddtags is not None:
-        if type(ddtags) is not str and not isinstance(ddtags, str):
-            raise PayloadError(f"log {position} ddtags must be a string")
+    if ddtags is None:
+        tags = dict(query_tags) if query_tags else {}
+    elif type(ddtags) is not str and not isinstance(ddtags, str):
+        raise PayloadError(f"log {position} ddtags must be a string")
+    elif ddtags_cache is None:
+        tags = dict(query_tags) if query_tags else {}
         _tags_from_string(ddtags, tags)
+    else:
+        parsed = ddtags_cache.get(ddtags)
+        if parsed is not None:
+            tags = parsed.copy()
+        else:
+            tags = dict(query_tags) if query_tags else {}
+            _tags_from_string(ddtags, tags)
+            if len(ddtags_cache) < _DDTAGS_CACHE_SIZE:
+                ddtags_cache[ddtags] = tags.copy()
     source = get("ddsource")
     if source is not None:
         if type(source) is not str and not isinstance(source, str):
@@ -584,7 +610,8 @@ def parse_logs_v2(body: bytes, context: PayloadContext) -> ParsedPayload:
     """
     query_tags = _query_tags(context)
     records = _objects(_load_json(body), "log")
-    return ParsedPayload([_log_item(record, position, query_tags) for position, record in enumerate(records)])
+    cache: dict[str, dict[str, str]] = {}
+    return ParsedPayload([_log_item(record, position, query_tags, cache) for position, record in enumerate(records)])
 
 
 def parse_logs_v1(body: bytes, context: PayloadContext) -> ParsedPayload:

@@ -37,10 +37,16 @@ class PayloadError(ValueError):
         self.reason = reason
 
 
-@attrs.frozen
+@attrs.define
 class Item:
     """
     One unit of telemetry extracted from a payload.
+
+    Items are values: a parser builds them and nothing changes them
+    afterwards (L{attrs.evolve} makes a changed copy).  The class is not
+    frozen only because a frozen slotted class costs more than twice as much
+    to build (attrs then sets each field through C{object.__setattr__}), and
+    a batch of logs or points builds thousands.
 
     @ivar kind: one of L{ITEM_KINDS}.
     @ivar index: the item's position among the payload's items, in wire

@@ -9,18 +9,20 @@ document or could have given a different result:
   - orjson rejects documents C{json} accepts: C{NaN} and C{Infinity},
     numbers too large for a double (C{1e400}, which C{json} makes an
     infinity), lone UTF-16 surrogates (escaped or encoded), a UTF-8 byte
-    order mark and UTF-16 or UTF-32 bodies.  Whatever C{json} makes of those
-    (a value, or the error the parser turns into a 400) is the answer.
+    order mark and UTF-16 or UTF-32 bodies.  For those the result is what
+    C{json} returns or raises (the parsers turn an error into a 400).
   - orjson turns an integer outside [-2**63, 2**64) into a float, where
     C{json} keeps the exact integer.  Such an integer has at least 19
-    digits, so a document holding a run of 19 digits anywhere has its
-    floats checked, and one at or beyond those bounds sends it to C{json}.
+    digits.  So when a document contains a run of 19 digits anywhere, its
+    floats are checked, and one at or beyond those bounds sends it to
+    C{json}.
 
 Both keep the last value of a repeated key at the position of its first
 occurrence, and both parse every other number to the same int or float.
-One difference remains: orjson accepts nesting up to 1,024 levels, where
-C{json} stops at Python's recursion limit (about 1,000 frames, less the
-caller's depth).
+NOTE: one difference remains.  orjson accepts nesting up to 1,024 levels,
+while C{json} raises L{RecursionError} at Python's recursion limit (1,000
+frames by default, less the caller's depth).  A document nested between
+those depths now decodes instead of being rejected as invalid JSON.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ import orjson
 
 __all__ = ["loads"]
 
-# Digits to "0" and everything else to " ": a run of 19 digits in the
-# document becomes a run of 19 "0"s in the translation.
+# Maps digits to "0" and every other byte to " ", so a run of 19 digits in
+# the document becomes a run of 19 "0"s in the translation.
 _DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
 _STR_DIGITS = {code: "0" for code in range(0x30, 0x3A)}
 _WIDE_RUN = b"0" * 19
 _WIDE_RUN_TEXT = "0" * 19
-# orjson's float for an integer below -2**63 or from 2**64 up is at or
-# beyond these bounds (the rounding goes no further in).
+# orjson's float for an integer below -2**63, or of 2**64 and above, is at
+# or beyond these bounds, because rounding never moves it inside them.
 _FLOAT_LOW = -float(1 << 63)
 _FLOAT_HIGH = float(1 << 64)
 
