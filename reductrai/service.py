@@ -21,11 +21,11 @@ from twisted.python.failure import Failure
 from reductrai import __version__
 from reductrai.admin import admin_root
 from reductrai.config import UPSTREAM_KEYS, Settings
+from reductrai.encoding import OFFLOAD_BYTES as DECODE_OFFLOAD_BYTES
 from reductrai.forward import Forwarder
 from reductrai.listeners import ListenerError, accept_one_at_a_time, adopt_listener, build_endpoint
 from reductrai.metrics import Metrics, enable_multiprocess, prepare_metrics_dir
 from reductrai.request import IngestSite, QuietSite
-from reductrai.encoding import OFFLOAD_BYTES as DECODE_OFFLOAD_BYTES
 from reductrai.resource import IngestResource
 from reductrai.store import RecordStore, StoreOptions
 from reductrai.tls import ensure_dev_certificate
