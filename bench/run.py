@@ -226,6 +226,31 @@ def run_points(
     return points
 
 
+def run_direct(
+    sink: procs.Process,
+    sink_port: int,
+    reference: dict,
+    manifest: Path,
+    workdir: Path,
+    workload: payloads.Workload,
+    options,
+) -> dict:
+    """
+    Send the workload straight to the nginx sink (plain HTTP, no relay) at
+    the rate of C{reference}, a reductrai forward 50% point, so that the
+    latency reductrai adds can be read beside it.
+    """
+    rate = reference["target_rps"]
+    label = f"sink direct (at {reference['target']} 50%)"
+    script = loadgen.write_script(workdir / f"direct-{rate:.0f}.lua", manifest, rate=rate)
+    point = measure(sink, f"http://127.0.0.1:{sink_port}", script, options.duration, workload.connections,
+                    workload.mean_decoded)
+    point.update(target=label, point="50%", target_rps=rate)
+    point["added_p50_ms"] = round(reference["p50_ms"] - point["p50_ms"], 2)
+    log(f"  {label:<24} 50%  p50 {point['p50_ms']:.2f} ms; reductrai adds {point['added_p50_ms']:.2f} ms at p50")
+    return point
+
+
 def run_reductrai(
     mode: str,
     workload: payloads.Workload,
@@ -490,6 +515,13 @@ def report_markdown(results: dict) -> str:
                 f"| {point['errors']} | {_fmt(point['cpu_percent'])} | {_fmt(point['cpu_us_per_request'])} "
                 f"| {_fmt(point.get('peak_rss_mib'))} | {_fmt(point.get('stored_bytes_per_request'))} | {ratio or '-'} |"
             )
+        for point in workload["points"]:
+            if "added_p50_ms" in point:
+                lines.append(
+                    f"\nLatency added by {point['target'][len('sink direct (at '):-len(' 50%)')]} over a direct "
+                    f"plain-HTTP request to the sink at {point['target_rps']:.0f} req/s: "
+                    f"{point['added_p50_ms']:.2f} ms at p50."
+                )
     if results.get("idle"):
         lines += [
             "",
@@ -634,6 +666,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 points = run_reductrai(mode, workload, manifest, wdir, sink_port, closed_port,
                                        certificate, private_key, options, workers)
                 entry["points"] += points
+                half = [point for point in points if point["point"] == "50%" and point.get("target_rps")]
+                if mode == "forward" and half and not workload.close:
+                    entry["points"].append(
+                        run_direct(sink, sink_port, half[0], manifest, wdir, workload, options)
+                    )
                 if mode == "forward" and "probe" not in entry and points and "probe" in points[0]:
                     entry["probe"] = points[0]["probe"]
                     entry["probe_by_path"] = points[0].get("probe_by_path")
