@@ -11,14 +11,17 @@ import ipaddress
 import json
 import os
 import ssl
+from io import BytesIO
 from pathlib import Path
 from typing import Callable, Optional
 
 import attrs
 from twisted.internet import defer, reactor, threads
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from reductrai.config import load_settings
 from reductrai.service import ReductraiService
@@ -342,3 +345,22 @@ def run_inspect(data_dir: Path, *arguments: str) -> "defer.Deferred[str]":
 
 def read_ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class FakeIngestRequest(DummyRequest):
+    """
+    A L{DummyRequest} with the attributes L{reductrai.resource.IngestResource}
+    reads from an L{reductrai.request.IngestRequest}: a POST of C{body}.
+    """
+
+    too_large = False
+    _disconnected = False
+
+    def __init__(self, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> None:
+        super().__init__(path.lstrip(b"/").split(b"/"))
+        self.path = path
+        self.uri = path
+        self.method = b"POST"
+        self.content = BytesIO(body)
+        self.channel = DummyChannel()
+        self.requestHeaders = Headers({name: [value] for name, value in headers.items()})

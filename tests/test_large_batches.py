@@ -10,7 +10,6 @@ import json
 import os
 import random
 import threading
-from io import BytesIO
 
 import pytest
 import pytest_twisted
@@ -18,8 +17,6 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from reductrai.config import load_settings
 from reductrai.dictionaries import CURRENT_PREFIX, DICTS_DB, META_DB, Dictionary, encode_dictionary, id_key, train
@@ -32,6 +29,7 @@ from reductrai.record import RecordCodec
 from reductrai.resource import IngestResource
 from reductrai.store import RecordStore, StoreError, StoreOptions
 from reductrai.vendors.registry import default_router
+from tests.support import FakeIngestRequest
 
 FIELDS = dict(
     vendor="datadog", kind="logs", route="logs_v2", method="POST", path="/api/v2/logs",
@@ -290,23 +288,6 @@ async def test_reactor_pool_round_trip(tmp_path):
 # -- bodies decoded in threads -----------------------------------------------------
 
 
-class _Request(DummyRequest):
-    """
-    A L{DummyRequest} with the attributes L{IngestResource} reads from an
-    L{reductrai.request.IngestRequest}.
-    """
-
-    too_large = False
-    _disconnected = False
-
-    def __init__(self, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> None:
-        super().__init__(path.lstrip(b"/").split(b"/"))
-        self.path = path
-        self.uri = path
-        self.method = b"POST"
-        self.content = BytesIO(body)
-        self.channel = DummyChannel()
-        self.requestHeaders = Headers({name: [value] for name, value in headers.items()})
 
 
 def _ingest(tmp_path, wire: bytes, encoding: bytes, runner, offload: int, overrides=None):
@@ -324,7 +305,7 @@ def _ingest(tmp_path, wire: bytes, encoding: bytes, runner, offload: int, overri
         offload_decode_bytes=offload, run_in_thread=runner,
     )
     headers = {b"content-type": b"application/json", b"content-encoding": encoding, b"dd-api-key": b"0" * 32}
-    request = _Request(b"/api/v2/logs", wire, headers)
+    request = FakeIngestRequest(b"/api/v2/logs", wire, headers)
     resource.render(request)
     clock.advance(0)
     return request, store
@@ -410,7 +391,7 @@ def test_error_after_thread_decoding_answers_500(tmp_path):
     runner = ThreadRunner()
     resource = Broken(default_router(), settings, "store-only", store, None, Metrics(), run_in_thread=runner)
     headers = {b"content-type": b"application/json", b"content-encoding": b"gzip", b"dd-api-key": b"0" * 32}
-    request = _Request(b"/api/v2/logs", gzip.compress(log_batch(2000)), headers)
+    request = FakeIngestRequest(b"/api/v2/logs", gzip.compress(log_batch(2000)), headers)
     events: list = []
     globalLogPublisher.addObserver(events.append)
     try:

@@ -15,14 +15,11 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from io import BytesIO
 
 import attrs
 import pytest
 from twisted.internet.task import Clock
-from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
-from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from reductrai.config import load_settings
 from reductrai.encoding import decode_body
@@ -31,6 +28,7 @@ from reductrai.record import RecordCodec, RecordHeader
 from reductrai.resource import IngestResource
 from reductrai.store import RecordStore, StoreOptions
 from reductrai.vendors.registry import default_router
+from tests.support import FakeIngestRequest
 
 pytest.importorskip("pytest_benchmark")
 
@@ -170,23 +168,6 @@ def test_store_batch_commit(benchmark, tmp_path):
     assert keys == sorted(keys)
 
 
-class _Request(DummyRequest):
-    """
-    A L{DummyRequest} with the attributes L{IngestResource} reads from an
-    L{reductrai.request.IngestRequest}.
-    """
-
-    too_large = False
-    _disconnected = False
-
-    def __init__(self, path: bytes, body: bytes, headers: dict[bytes, bytes]) -> None:
-        super().__init__(path.lstrip(b"/").split(b"/"))
-        self.path = path
-        self.uri = path
-        self.method = b"POST"
-        self.content = BytesIO(body)
-        self.channel = DummyChannel()
-        self.requestHeaders = Headers({name: [value] for name, value in headers.items()})
 
 
 def test_ingest_request_store_only(benchmark, tmp_path):
@@ -204,7 +185,7 @@ def test_ingest_request_store_only(benchmark, tmp_path):
     headers = {b"content-type": b"application/json", b"content-encoding": b"gzip", b"dd-api-key": b"0" * 32}
 
     def one_request():
-        request = _Request(b"/api/v2/series", wire, headers)
+        request = FakeIngestRequest(b"/api/v2/series", wire, headers)
         result = resource.render(request)
         clock.advance(0)
         return request, result
