@@ -84,6 +84,8 @@ class ConnectionLimits:
     @ivar request_deadline: seconds to receive one whole request, else 408.
     @ivar allow: the networks that may connect.
     @ivar metrics: a L{reductrai.metrics.Metrics}, or L{None}.
+    @ivar board: the L{reductrai.balance.ConnectionBoard} that gets the
+        open connection count, with several worker processes.
     """
 
     role: str = "ingest"
@@ -94,6 +96,7 @@ class ConnectionLimits:
     allow: NetworkAllowList = attrs.field(factory=NetworkAllowList)
     metrics: object = None
     open_connections: int = 0
+    board: object = None
 
     @classmethod
     def from_settings(cls, settings, role: str, metrics=None) -> "ConnectionLimits":
@@ -125,11 +128,15 @@ class ConnectionLimits:
         self.open_connections += 1
         if self.metrics is not None:
             self.metrics.connections_open.labels(self.role).inc()
+        if self.board is not None:
+            self.board.publish(self.open_connections)
 
     def closed(self) -> None:
         self.open_connections -= 1
         if self.metrics is not None:
             self.metrics.connections_open.labels(self.role).dec()
+        if self.board is not None:
+            self.board.publish(self.open_connections)
 
 
 class ClientRateLimiter:

@@ -155,25 +155,6 @@ def adopt_listener(
     return reactor.adoptStreamPort(fd, family, factory)
 
 
-def accept_one_at_a_time(port) -> None:
-    """
-    Make a listening port accept one connection per readiness event, where
-    Twisted accepts up to a hundred (and more after each full batch).
-    When several processes share the listening socket, the first one awake
-    would otherwise take a whole burst of new connections.  Accepting one
-    at a time, a busy process leaves new connections to an idle one, so
-    the connections spread over the processes.
-    """
-    original = port.doRead
-
-    def doRead():
-        port.numberAccepts = 1
-        return original()
-
-    port.numberAccepts = 1
-    port.doRead = doRead
-
-
 def _ssl_listener(
     description: str,
     default_tls_files: Optional[Callable[[], tuple[str, str]]],

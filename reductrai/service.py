@@ -23,7 +23,8 @@ from reductrai.admin import admin_root
 from reductrai.config import UPSTREAM_KEYS, Settings
 from reductrai.encoding import OFFLOAD_BYTES as DECODE_OFFLOAD_BYTES
 from reductrai.forward import Forwarder
-from reductrai.listeners import ListenerError, accept_one_at_a_time, adopt_listener, build_endpoint
+from reductrai.balance import ConnectionBoard, balance_accepts
+from reductrai.listeners import ListenerError, adopt_listener, build_endpoint
 from reductrai.metrics import Metrics, enable_multiprocess, prepare_metrics_dir
 from reductrai.request import IngestSite, QuietSite
 from reductrai.resource import IngestResource
@@ -124,6 +125,7 @@ class ReductraiService(service.MultiService):
             metrics_dir = enable_multiprocess(self._data_dir, worker)
         self.metrics = Metrics(metrics_dir)
         self.pool = None
+        self.board: Optional[ConnectionBoard] = None
         self._loops: list = []
         self._spool_mirror = None
         self.store: Optional[RecordStore] = None
@@ -240,6 +242,9 @@ class ReductraiService(service.MultiService):
         ingest_site = IngestSite(resource, settings["limits.max_body_bytes"], timeout=settings["server.request_timeout"])
         admin_site = QuietSite(admin_root(self, self.admin_auth), limits=admin_limits, timeout=settings["server.request_timeout"])
         ingest_site.limits = ingest_limits
+        if self.workers > 1:
+            self.board = ConnectionBoard(os.path.join(self._data_dir, "workers.board"), self.workers, self.worker)
+            ingest_limits.board = self.board
         admin_site.noisy = False
         ingest_site.noisy = False
 
@@ -250,7 +255,7 @@ class ReductraiService(service.MultiService):
         for description in settings["server.listen"]:
             self.ports.append(self._listen(description, ingest_site, "ingest"))
             if self.workers > 1:
-                accept_one_at_a_time(self.ports[-1])
+                balance_accepts(self.ports[-1], self.board, self.reactor)
         for description in settings["server.admin_listen"]:
             self.admin_ports.append(self._listen(description, admin_site, "admin"))
 
@@ -268,7 +273,7 @@ class ReductraiService(service.MultiService):
         except (ListenerError, OSError) as error:
             raise StartupError(f"cannot adopt listener {description!r}: {error}") from None
         os.close(inherited["fd"])
-        accept_one_at_a_time(port)
+        balance_accepts(port, self.board, self.reactor)
         return port
 
     def _listen(self, description: str, site, role: str):
@@ -308,6 +313,13 @@ class ReductraiService(service.MultiService):
         super().startService()
         self.tls.start()
         self.reloader.install()
+        if self.board is not None:
+            try:
+                self.board.open(create=self.worker == 0)
+            except OSError as error:
+                self.log.warn(
+                    "Connections are not balanced over the workers: {error}", error=str(error), worker=self.worker
+                )
         if self.workers > 1 and self.worker == 0:
             self._start_workers()
         # Objects alive after start-up (modules, route tables, settings)
@@ -337,7 +349,6 @@ class ReductraiService(service.MultiService):
         Start workers 1 to C{server.workers - 1} on this process's ingest
         listeners (see L{reductrai.worker}).
         """
-        from reductrai.metrics import forget_worker
         from reductrai.worker import WorkerPool, listener_specs, settings_overrides
 
         specs, child_fds = listener_specs(self.settings["server.listen"], self.ports)
@@ -350,10 +361,18 @@ class ReductraiService(service.MultiService):
         self.pool = WorkerPool(
             self.reactor, self.workers, start_line, child_fds,
             stop_timeout=self.settings["server.shutdown_timeout"] + 10.0,
-            on_worker_ended=lambda worker: forget_worker(metrics_dir, worker),
+            on_worker_ended=lambda worker: self._worker_ended(metrics_dir, worker),
         )
         self.reloader.add("worker processes", lambda: self.pool.signal_all("HUP"))
         self.pool.startService()
+
+    def _worker_ended(self, metrics_dir, worker: int) -> None:
+        from reductrai.metrics import forget_worker
+
+        forget_worker(metrics_dir, worker)
+        if self.board is not None:
+            # Its connections closed with it.
+            self.board.publish(0, worker)
 
     def _every(self, interval: float, action) -> None:
         """

@@ -8,9 +8,9 @@ C{python -m reductrai.worker} process that gets the listening sockets as
 inherited descriptors and adopts them (C{reactor.adoptStreamPort}), with
 the same TLS wrapping (L{reductrai.listeners.adopt_listener}).  The kernel
 hands each new connection to whichever process accepts it first.  Every
-process accepts one connection per wake-up
-(L{reductrai.listeners.accept_one_at_a_time}), so a busy process leaves
-new connections to an idle one.
+process accepts one connection per wake-up, and one that holds more
+connections than another waits a few milliseconds first
+(L{reductrai.balance}), so the connections spread over the processes.
 
 A worker reads its settings from one JSON line on its standard input: its
 id, the configuration file, its listeners, and every resolved setting
