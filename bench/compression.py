@@ -15,8 +15,10 @@ ids replaced, and encoded again.  Loghub lines are real and distinct and
 are not replayed.
 
 Columns, all "raw / stored" over decoded bodies:
-  gzip-6 and zstd-3 per request, reductrai hot (per-record zstd with the
-  stream's trained dictionary, record values including headers),
+  gzip-6 and zstd-3 per request, reductrai hot (keys and record values as
+  the store writes them: header and body in one zstd frame with the
+  stream's trained dictionary, trained as the store trains; plus the
+  dictionaries),
   reductrai packed (blocks at zstd 19 through the compactor's code,
   including headers and block index entries), whole-stream zstd -19 of the
   concatenated bodies (the reference).
@@ -35,17 +37,21 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import parse_qs
 
+import attrs
 import zstandard
+from twisted.internet import defer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reductrai.compactor import CompactorOptions, compress_block  # noqa: E402
-from reductrai.dictionaries import DictionaryOptions, train  # noqa: E402
+from reductrai.dictionaries import DICTS_DB, DictionaryManager, DictionaryOptions  # noqa: E402
 from reductrai.encoding import decode_body  # noqa: E402
 from reductrai.formats.items import PayloadContext  # noqa: E402
 from reductrai.indexes import summary_of  # noqa: E402
 from reductrai.itemtimes import derive_item_times  # noqa: E402
-from reductrai.record import KEY_TIME_UNIT_NS, RecordCodec, RecordHeader, header_bytes, make_key  # noqa: E402
+from reductrai.record import (  # noqa: E402
+    KEY_SIZE, KEY_TIME_UNIT_NS, RecordCodec, RecordHeader, header_bytes, make_key,
+)
 from reductrai.store import BlockInfo, block_key  # noqa: E402
 from reductrai.vendors.registry import default_router  # noqa: E402
 from tests import corpus  # noqa: E402
@@ -230,6 +236,40 @@ def packed_size(records: list[tuple[RecordHeader, bytes]], level: int, record_ch
     return packed, len(blocks)
 
 
+def hot_size(records: list[tuple[RecordHeader, bytes]], options: DictionaryOptions = DictionaryOptions()) -> int:
+    """
+    Return the bytes the store writes for the records hot: each record's
+    key and value, plus the dictionaries it trains.
+
+    The store's own dictionary manager samples and trains.  Training runs
+    inline and commits at once, so the record after a training due point
+    already uses the new dictionary.  The daemon trains in a thread, so
+    there a few more records use the previous one.  Each value is built
+    as L{reductrai.store.RecordStore.append} builds it: the header names
+    the stream's current dictionary, the value is encoded with that
+    dictionary's compressor and the training sample starts with the
+    header.  Each dictionary costs its stored value, its 4-byte key and
+    an estimated 40 bytes of LMDB overhead.
+    """
+    written: list = []
+
+    def submit(ops: list):
+        written.extend(ops)
+        return defer.succeed(None)
+
+    manager = DictionaryManager(options, submit, reactor=None, clock_ns=lambda: 0,
+                                run_in_thread=lambda f, *args: defer.maybeDeferred(f, *args))
+    codec = RecordCodec(3)
+    hot = 0
+    for header, body in records:
+        dictionary, compressor = manager.compressor_for(header.stream)
+        head = header_bytes(attrs.evolve(header, dictionary=dictionary))
+        hot += KEY_SIZE + len(codec.encode_head(head, dictionary, body, compressor))
+        manager.observe(header.stream, body, head)
+    hot += sum(len(key) + len(value) + 40 for _, db, key, value in written if db == DICTS_DB)
+    return hot
+
+
 def measure(records: list[tuple[RecordHeader, bytes]], options: CompactorOptions, level: int = 19) -> dict:
     bodies = [body for _, body in records]
     raw = sum(len(b) for b in bodies)
@@ -237,34 +277,7 @@ def measure(records: list[tuple[RecordHeader, bytes]], options: CompactorOptions
     z3 = zstandard.ZstdCompressor(level=3)
     zs = sum(len(z3.compress(b)) for b in bodies)
     whole = len(zstandard.ZstdCompressor(level=19).compress(b"".join(bodies)))
-    # Hot: per stream, the first DictionaryOptions.first_records records
-    # plain, then the dictionary trained on them, retrained as the store
-    # would.
-    dictionary_options = DictionaryOptions()
-    codec = RecordCodec(3)
-    hot = 0
-    streams: dict[str, dict] = {}
-    for header, body in records:
-        state = streams.setdefault(header.stream, {"compressor": None, "samples": [], "since": 0})
-        compressor = state["compressor"]
-        header = RecordHeader(**{**header.to_json(), "dictionary": 1 if compressor else None})
-        hot += 12 + len(codec.encode(header, body, compressor))
-        state["samples"].append(body[: dictionary_options.max_sample_size])
-        state["since"] += 1
-        due = state["since"] >= (
-            dictionary_options.first_records if compressor is None else dictionary_options.retrain_records
-        )
-        if due:
-            try:
-                data = train(state["samples"][-dictionary_options.sample_records :], dictionary_options.size)
-                state["compressor"] = zstandard.ZstdCompressor(
-                    level=dictionary_options.level, dict_data=zstandard.ZstdCompressionDict(data),
-                    write_checksum=True, write_content_size=True,
-                )
-                hot += len(data) + 40
-            except zstandard.ZstdError:
-                pass
-            state["since"] = 0
+    hot = hot_size(records)
     packed, blocks = packed_size(records, level, False, options)
     packed_crc, _ = packed_size(records, level, True, options)
     span = (records[-1][0].received_ns - records[0][0].received_ns) / 1e9

@@ -17,6 +17,11 @@ C{dictionary} header field always names the exact bytes it needs.  A stream
 is retrained after L{DictionaryOptions.retrain_records} new records or
 L{DictionaryOptions.retrain_bytes} new body bytes, so the dictionary follows
 the traffic as it changes.
+
+Records carry their header in the same zstd frame as their body
+(L{reductrai.record}), so a training sample is the start of that frame
+content: the header followed by the body (L{reductrai.record.record_sample}).
+The header of a small request is then mostly dictionary matches.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import lmdb
 import zstandard
 from twisted.internet import threads
 from twisted.logger import Logger
+
+from reductrai.record import record_sample
 
 DICTS_DB = b"dicts"
 META_DB = b"meta"
@@ -115,6 +122,23 @@ def train(samples: list[bytes], size: int) -> bytes:
     @raise zstandard.ZstdError: the samples are too few or too uniform.
     """
     return zstandard.train_dictionary(size, samples, level=3).as_bytes()
+
+
+def dictionary_compressor(data: bytes, level: int) -> zstandard.ZstdCompressor:
+    """
+    Return a compressor for record frames with the dictionary C{data}.
+
+    Every writer of dictionary-compressed records builds its compressor
+    here, so that any thread writes the same frame.  The frame leaves out
+    zstd's dictionary id: the record names the dictionary before its frame.
+    """
+    return zstandard.ZstdCompressor(
+        level=level,
+        dict_data=zstandard.ZstdCompressionDict(data),
+        write_checksum=True,
+        write_content_size=True,
+        write_dict_id=False,
+    )
 
 
 def read_dictionaries(env: lmdb.Environment, txn: Optional[lmdb.Transaction] = None) -> list[Dictionary]:
@@ -302,13 +326,7 @@ class DictionaryManager:
     def _install(self, stream: str, dictionary_id: int) -> None:
         state = self._state(stream)
         state.current = dictionary_id
-        state.compressor = zstandard.ZstdCompressor(
-            level=self.options.level,
-            dict_data=zstandard.ZstdCompressionDict(self.data[dictionary_id]),
-            write_checksum=True,
-            write_content_size=True,
-            write_dict_id=True,
-        )
+        state.compressor = dictionary_compressor(self.data[dictionary_id], self.options.level)
 
     def compressor_for(self, stream: str) -> tuple[Optional[int], Optional[zstandard.ZstdCompressor]]:
         """
@@ -324,16 +342,26 @@ class DictionaryManager:
         state = self._streams.get(stream)
         return state.current if state else None
 
-    def observe(self, stream: str, body: bytes) -> None:
+    def observe(self, stream: str, body: bytes, head: Optional[bytes] = None) -> None:
         """
-        Keep C{body} as a training sample of C{stream} and start a training
-        when the stream is due.
+        Keep a training sample of a record of C{stream} and start a
+        training when the stream is due.
+
+        @param body: the record's decoded body.
+        @param head: the record's serialised header
+            (L{reductrai.record.header_bytes}); the sample is then the
+            start of the record's frame content, header first, as the
+            record codec compresses it.  Without it the sample is the
+            start of the body.
         """
         if not body or not self.trains:
             return
         options = self.options
         state = self._state(stream)
-        sample = body[: options.max_sample_size]
+        if head is None:
+            sample = body[: options.max_sample_size]
+        else:
+            sample = record_sample(head, body, options.max_sample_size)
         if len(state.samples) >= options.sample_records or state.sample_bytes + len(sample) > options.sample_bytes:
             # Replace a random kept sample so the set spans the whole period
             # since the last training, not only its end.

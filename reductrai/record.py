@@ -5,14 +5,29 @@ Key: 12 bytes, the arrival time in nanoseconds since the epoch (unsigned
 64-bit big-endian) followed by a 32-bit big-endian sequence number, so that
 keys sort by arrival and never collide within one process.
 
-Value::
+Value (format version 2, written)::
 
-    version (1 byte, 1) | header length (4 bytes, big-endian) | header | body
+    version (1 byte, 2) | dictionary (varint) | zstd frame
 
-The header is compact UTF-8 JSON (see L{RecordHeader}); the body is one zstd
-frame of the decoded request body, with the frame's content size and
-checksum set.  When the header names a C{dictionary}, the frame was
-compressed with that trained dictionary (see L{reductrai.dictionaries}).
+The frame, with its content size and checksum set, holds::
+
+    header length (varint) | header | body
+
+The header is compact UTF-8 JSON (see L{RecordHeader}); the body is the
+decoded request body.  C{dictionary} is 0 when the frame was compressed
+without a dictionary, else the trained dictionary's id plus 1 (see
+L{reductrai.dictionaries}), which must match the header's C{dictionary}.
+The header shares the frame, and dictionaries are trained on samples that
+begin with headers (L{record_sample}).  Headers of one stream differ in a
+few fields, so most of a header's JSON (a few hundred bytes) compresses to
+dictionary matches.  The cost is on reading: a header read decompresses
+the frame.
+
+Version 1 values, still read::
+
+    version (1 byte, 1) | header length (4 bytes, big-endian) | header | zstd frame of the body
+
+Varints are unsigned LEB128.
 
 Packed records live in blocks instead (see L{encode_block}): one zstd frame
 holding many records of one stream (vendor and kind), each with its key,
@@ -31,8 +46,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import attrs
 import zstandard
 
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct(">BI")
+#: The record format version L{RecordCodec.encode} writes.
+FORMAT_VERSION = 2
+#: The version of values whose header is outside the frame, still read.
+FORMAT_VERSION_1 = 1
+_PREFIX_V1 = struct.Struct(">BI")
+#: A header read decompresses a frame whole when its content is at most
+#: this large, and only the frame's first bytes when it is larger.
+HEADER_READ_WHOLE_BYTES = 256 * 1024
+_HEADER_PROBE_BYTES = 4096
 _KEY = struct.Struct(">QI")
 KEY_SIZE = _KEY.size
 
@@ -142,6 +164,32 @@ _OPTIONAL_FIELDS = ("dictionary", "items", "item_min_ns", "item_max_ns")
 
 _HEADER_FIELD_NAMES = tuple(field.name for field in attrs.fields(RecordHeader))
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_HEADER_DECODER = json.JSONDecoder()
+
+
+def _make_header_encoder() -> Callable[[dict], str]:
+    # json's C encoder, built once: JSONEncoder.encode builds one on every
+    # call, about 1 us of the 4 a header costs.  It is used only when it
+    # writes what JSONEncoder writes.
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii
+
+        iterencode = c_make_encoder(
+            None, _HEADER_ENCODER.default, encode_basestring_ascii, None, ":", ",", False, False, True
+        )
+
+        def encode(fields: dict) -> str:
+            return "".join(iterencode(fields, 0))
+
+        probe = {"n": 2**63, "s": "caf\u00e9 \"q\"", "l": [["a", "b"]], "z": None, "f": 1.5, "t": True}
+        if encode(probe) == _HEADER_ENCODER.encode(probe):
+            return encode
+    except (ImportError, TypeError):
+        pass
+    return _HEADER_ENCODER.encode
+
+
+_encode_header = _make_header_encoder()
 
 
 def header_bytes(header: RecordHeader) -> bytes:
@@ -155,7 +203,7 @@ def header_bytes(header: RecordHeader) -> bytes:
     for name in _OPTIONAL_FIELDS:
         if fields[name] is None:
             del fields[name]
-    return _HEADER_ENCODER.encode(fields).encode("utf-8")
+    return _encode_header(fields).encode("utf-8")
 
 
 def parse_header(data: bytes) -> RecordHeader:
@@ -165,9 +213,73 @@ def parse_header(data: bytes) -> RecordHeader:
     @raise RecordError: not a valid header.
     """
     try:
-        return RecordHeader(**json.loads(data))
+        # The header is UTF-8 by definition: decoding it directly skips
+        # json.loads' encoding detection, a visible part of a header read.
+        return RecordHeader(**_HEADER_DECODER.decode(str(data, "utf-8")))
     except (ValueError, TypeError) as error:
         raise RecordError(f"record header is invalid: {error}") from None
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data, offset: int, what: str) -> tuple[int, int]:
+    # Return (value, offset after it) of the varint at offset in data.
+    result = shift = 0
+    while True:
+        if offset >= len(data) or shift > 63:
+            raise RecordError(f"record {what} is truncated")
+        byte = data[offset]
+        offset += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, offset
+        shift += 7
+
+
+_V2_PREFIXES = [bytes((FORMAT_VERSION, n)) for n in range(0x80)]
+
+
+def record_prefix(dictionary: Optional[int]) -> bytes:
+    """
+    Return the bytes before the frame of a version 2 value.
+
+    @param dictionary: the id of the dictionary the frame was compressed
+        with, or L{None}.
+    """
+    coded = 0 if dictionary is None else dictionary + 1
+    if coded < 0x80:
+        return _V2_PREFIXES[coded]
+    return bytes((FORMAT_VERSION,)) + _varint(coded)
+
+
+def record_content(head: bytes, body: bytes) -> bytes:
+    """
+    Return what the frame of a version 2 value holds: the header length,
+    the header bytes (L{header_bytes}) and the body.
+    """
+    return b"".join((_varint(len(head)), head, body))
+
+
+def record_sample(head: bytes, body: bytes, limit: int) -> bytes:
+    """
+    Return a dictionary training sample for a record: the first C{limit}
+    bytes of its frame content (L{record_content}), so that the dictionary
+    learns the header as well as the start of the body.
+    """
+    prefix = _varint(len(head))
+    room = limit - len(prefix) - len(head)
+    if room <= 0:
+        return (prefix + head)[:limit]
+    return b"".join((prefix, head, body[:room]))
 
 
 class RecordCodec:
@@ -175,6 +287,11 @@ class RecordCodec:
     Encode and decode record values with reusable zstd contexts.
 
     Not thread-safe: each thread uses its own codec.
+
+    Reading the header of a version 2 value decompresses its frame; the
+    codec keeps the last frame content it decompressed whole, so that
+    L{decode} of the value L{decode_header} just read (the same object)
+    does not decompress it again.
 
     @ivar dictionary_lookup: called with a dictionary id, returns the
         dictionary's bytes or L{None} when unknown; records compressed with
@@ -186,17 +303,44 @@ class RecordCodec:
         self._decompressor = zstandard.ZstdDecompressor()
         self._dictionary_decompressors: dict[int, zstandard.ZstdDecompressor] = {}
         self.dictionary_lookup = dictionary_lookup
+        self._last: Optional[tuple[bytes, RecordHeader, bytes, int]] = None
 
     def encode(self, header: RecordHeader, body: bytes, compressor: Optional[zstandard.ZstdCompressor] = None) -> bytes:
         """
-        Build the stored value of a record.
+        Build the stored value of a record (format version 2).
 
         @param compressor: the compressor to use instead of the plain one,
-            such as one built on the dictionary C{header.dictionary} names.
+            one built on the dictionary C{header.dictionary} names
+            (L{reductrai.dictionaries.dictionary_compressor}).
+        """
+        return self.encode_head(header_bytes(header), header.dictionary, body, compressor)
+
+    def encode_head(
+        self,
+        head: bytes,
+        dictionary: Optional[int],
+        body: bytes,
+        compressor: Optional[zstandard.ZstdCompressor] = None,
+    ) -> bytes:
+        """
+        Build the stored value of a record whose header is already
+        serialised.
+
+        @param head: L{header_bytes} of the record's header.
+        @param dictionary: the header's C{dictionary}.
+        @param compressor: as for L{encode}.
+        """
+        frame = (compressor or self._compressor).compress(record_content(head, body))
+        return record_prefix(dictionary) + frame
+
+    def encode_v1(self, header: RecordHeader, body: bytes, compressor: Optional[zstandard.ZstdCompressor] = None) -> bytes:
+        """
+        Build a format version 1 value, as older stores contain.  Tests and
+        tools use it to build such values.
         """
         head = header_bytes(header)
         frame = (compressor or self._compressor).compress(body)
-        return b"".join((_PREFIX.pack(FORMAT_VERSION, len(head)), head, frame))
+        return b"".join((_PREFIX_V1.pack(FORMAT_VERSION_1, len(head)), head, frame))
 
     def _decompressor_for(self, dictionary: Optional[int]) -> zstandard.ZstdDecompressor:
         if dictionary is None:
@@ -212,12 +356,26 @@ class RecordCodec:
 
     def decode_header(self, value: bytes) -> RecordHeader:
         """
-        Read only the header of a stored value.
+        Read only the header of a stored value.  For version 2 this
+        decompresses the frame: whole, checksum included, up to
+        L{HEADER_READ_WHOLE_BYTES} of content, else only its beginning.
 
         @raise RecordError: the value is not a valid record.
         """
-        header, _ = self._split(value)
-        return header
+        last = self._last
+        if last is not None and last[0] is value:
+            return last[1]
+        dictionary, frame = self._frame(value)
+        if frame is None:
+            header, _ = self._split_v1(value)
+            return header
+        try:
+            size = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as error:
+            raise RecordError(f"stored record is corrupt: {error}") from None
+        if 0 <= size <= HEADER_READ_WHOLE_BYTES:
+            return self._decode_v2(value, dictionary, frame, True)[0]
+        return self._header_only(dictionary, frame)
 
     def decode(self, value: bytes) -> tuple[RecordHeader, bytes]:
         """
@@ -227,7 +385,82 @@ class RecordCodec:
         @raise RecordError: the value is not a valid record or its body does
             not match its checksum.
         """
-        header, offset = self._split(value)
+        last = self._last
+        if last is not None and last[0] is value:
+            header, content, offset = last[1], last[2], last[3]
+        else:
+            dictionary, frame = self._frame(value)
+            if frame is None:
+                return self._decode_v1(value)
+            header, content, offset = self._decode_v2(value, dictionary, frame, False)
+        body = content[offset:]
+        if len(body) != header.size or zlib.crc32(body) != header.crc32:
+            raise RecordError("stored body does not match its checksum")
+        return header, body
+
+    def _frame(self, value: bytes) -> tuple[Optional[int], Optional[memoryview]]:
+        # Return the dictionary and the frame of a version 2 value, or
+        # (None, None) for a version 1 value.
+        if len(value) < 2:
+            raise RecordError("record is truncated")
+        version = value[0]
+        if version != FORMAT_VERSION:
+            if version == FORMAT_VERSION_1:
+                return None, None
+            raise RecordError(f"unknown record format version {version}")
+        coded = value[1]
+        offset = 2
+        if coded >= 0x80:
+            coded, offset = _read_varint(value, 1, "prefix")
+        return (None if coded == 0 else coded - 1), memoryview(value)[offset:]
+
+    def _decode_v2(
+        self, value: bytes, dictionary: Optional[int], frame: memoryview, remember: bool
+    ) -> tuple[RecordHeader, bytes, int]:
+        # Decompress the whole frame, which checks its checksum.  With
+        # remember, keep the result for a decode of the same value.
+        try:
+            content = self._decompressor_for(dictionary).decompress(frame)
+        except zstandard.ZstdError as error:
+            raise RecordError(f"stored record is corrupt: {error}") from None
+        header, offset = self._parse_content(content, dictionary)
+        self._last = (value, header, content, offset) if remember else None
+        return header, content, offset
+
+    def _header_only(self, dictionary: Optional[int], frame: memoryview) -> RecordHeader:
+        decompressor = self._decompressor_for(dictionary)
+        try:
+            with decompressor.stream_reader(frame) as reader:
+                content = reader.read(_HEADER_PROBE_BYTES)
+                length, offset = _read_varint(content, 0, "header")
+                while len(content) < offset + length:
+                    more = reader.read(offset + length - len(content))
+                    if not more:
+                        raise RecordError("record header is truncated")
+                    content += more
+        except zstandard.ZstdError as error:
+            raise RecordError(f"stored record is corrupt: {error}") from None
+        return self._parse_content(content, dictionary)[0]
+
+    def _parse_content(self, content: bytes, dictionary: Optional[int]) -> tuple[RecordHeader, int]:
+        # Inline reads of 1- and 2-byte lengths (headers up to 16,383
+        # bytes): a header read is on the path of every scan.
+        if content and content[0] < 0x80:
+            length, offset = content[0], 1
+        elif len(content) >= 2 and content[1] < 0x80:
+            length, offset = (content[0] & 0x7F) | (content[1] << 7), 2
+        else:
+            length, offset = _read_varint(content, 0, "header")
+        end = offset + length
+        if end > len(content):
+            raise RecordError("record header is truncated")
+        header = parse_header(content[offset:end])
+        if header.dictionary != dictionary:
+            raise RecordError("record header does not name the dictionary its frame was compressed with")
+        return header, end
+
+    def _decode_v1(self, value: bytes) -> tuple[RecordHeader, bytes]:
+        header, offset = self._split_v1(value)
         frame = memoryview(value)[offset:]
         try:
             body = self._decompressor_for(header.dictionary).decompress(frame, max_output_size=header.size)
@@ -237,16 +470,14 @@ class RecordCodec:
             raise RecordError("stored body does not match its checksum")
         return header, body
 
-    def _split(self, value: bytes) -> tuple[RecordHeader, int]:
-        if len(value) < _PREFIX.size:
+    def _split_v1(self, value: bytes) -> tuple[RecordHeader, int]:
+        if len(value) < _PREFIX_V1.size:
             raise RecordError("record is truncated")
-        version, header_length = _PREFIX.unpack_from(value)
-        if version != FORMAT_VERSION:
-            raise RecordError(f"unknown record format version {version}")
-        end = _PREFIX.size + header_length
+        version, header_length = _PREFIX_V1.unpack_from(value)
+        end = _PREFIX_V1.size + header_length
         if end > len(value):
             raise RecordError("record header is truncated")
-        return parse_header(bytes(value[_PREFIX.size : end])), end
+        return parse_header(bytes(value[_PREFIX_V1.size : end])), end
 
 
 _DERIVED_FIELDS = ("received_ns", "size", "crc32")

@@ -41,7 +41,13 @@ from twisted.logger import Logger, LogLevel
 
 from reductrai.ratelimit import RateLimitedLog
 
-from reductrai.dictionaries import DICTS_DB, DictionaryLookup, DictionaryManager, DictionaryOptions
+from reductrai.dictionaries import (
+    DICTS_DB,
+    DictionaryLookup,
+    DictionaryManager,
+    DictionaryOptions,
+    dictionary_compressor,
+)
 from reductrai.indexes import INDEX_DB, INDEX_REV_DB, index_ops, summary_of
 from reductrai.record import (
     KEY_SIZE,
@@ -50,6 +56,7 @@ from reductrai.record import (
     RecordError,
     RecordHeader,
     decode_block,
+    header_bytes,
     make_key,
     parse_header,
     parse_packed_header,
@@ -373,10 +380,14 @@ class RecordStore:
         if offload:
             dictionary_data = self.dictionaries.data.get(dictionary) if dictionary is not None else None
             encoded = self._run_in_thread(self._encode_in_thread, fields, body, dictionary, dictionary_data)
+            # The training sample starts with the header, which the thread
+            # serialises with the body's checksum.
+            encoded.addCallback(self._observe_encoded, stream, body)
         else:
-            value = self._codec.encode(RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields), body, compressor)
-        if self.options.use_dictionaries:
-            self.dictionaries.observe(stream, body)
+            head = header_bytes(RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields))
+            value = self._codec.encode_head(head, dictionary, body, compressor)
+            if self.options.use_dictionaries:
+                self.dictionaries.observe(stream, body, head)
         d: Deferred = Deferred()
         if not offload and not self._encoding:
             self._queue(key, value, ops, d)
@@ -392,13 +403,14 @@ class RecordStore:
 
     def _encode_in_thread(
         self, fields: dict, body: bytes, dictionary: Optional[int], dictionary_data: Optional[bytes]
-    ) -> bytes:
+    ) -> tuple[bytes, bytes]:
         """
         Checksum and compress a record in a pool thread, with that
         thread's own zstd contexts.
 
         @param dictionary_data: the bytes of C{dictionary}, read by the
             reactor thread.
+        @return: the record's value and its serialised header.
         """
         local = self._thread_codecs
         compressor = None
@@ -408,21 +420,27 @@ class RecordStore:
                 data = dictionary_data
                 if data is None:
                     raise StoreError(f"dictionary {dictionary} is not loaded")
-                # The parameters of the reactor thread's compressor
+                # Built as the reactor thread's compressor is
                 # (DictionaryManager._install), so either thread writes the
                 # same frame.
-                compressor = zstandard.ZstdCompressor(
-                    level=self.options.dictionaries.level,
-                    dict_data=zstandard.ZstdCompressionDict(data),
-                    write_checksum=True,
-                    write_content_size=True,
-                    write_dict_id=True,
-                )
+                compressor = dictionary_compressor(data, self.options.dictionaries.level)
                 local.compressors[dictionary] = compressor
                 if len(local.compressors) > local.MAX_COMPRESSORS:
                     local.compressors.popitem(last=False)
-        header = RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields)
-        return local.codec.encode(header, body, compressor)
+        head = header_bytes(RecordHeader(size=len(body), crc32=zlib.crc32(body), **fields))
+        return local.codec.encode_head(head, dictionary, body, compressor), head
+
+    def _observe_encoded(self, encoded: tuple[bytes, bytes], stream: str, body: bytes) -> bytes:
+        """
+        Give the dictionary trainer the sample of a record encoded in a
+        thread, and pass its value on.
+
+        @param encoded: C{(value, header bytes)} from L{_encode_in_thread}.
+        """
+        value, head = encoded
+        if self.options.use_dictionaries:
+            self.dictionaries.observe(stream, body, head)
+        return value
 
     def _encoded(self, value: bytes, waiting: _Encoding) -> None:
         waiting.value = value
