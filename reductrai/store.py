@@ -193,7 +193,7 @@ class RecordStore:
 
     Records reach the commit queue in key order.  A large body is encoded
     in a thread (see L{StoreOptions.offload_bytes}); records appended after
-    it wait until it is encoded, so each commit holds keys greater than
+    it wait until it is encoded, so each commit contains keys greater than
     every key committed before it, and a record's extra operations commit
     in the same transaction as the record.
     """
@@ -249,10 +249,10 @@ class RecordStore:
         Open the environment and start the periodic sync, if configured.
         """
         durable = self.options.durability == "fsync"
-        # Several processes that grew the map one after the other would
-        # each see MDB_MAP_RESIZED at their next transaction, readers
-        # included; the map is only address space until pages are written,
-        # so shared environments take the maximum at once.
+        # Processes that grew the map one after the other would each see
+        # MDB_MAP_RESIZED at their next transaction, readers included. The
+        # map is only address space until pages are written, so a shared
+        # environment takes the maximum at once.
         size = self.options.max_map_size if self.shared else self.options.map_size
         self.env = open_environment(self.options.path, size, sync=durable)
         info = self.env.info()
