@@ -122,10 +122,10 @@ _ROUTER = default_router()
 def describe(path: str, content_type: Optional[str], body: bytes, query: str = "",
              headers: Optional[dict] = None) -> dict:
     """
-    Return the header fields the daemon derives from a request: vendor,
-    kind and route from the route table, and the item count and time range
-    from the route's own parser (none when it has no parser or the body
-    does not parse).
+    Return the header fields the daemon derives from a request.  Vendor,
+    kind and route come from the route table.  The item count and time
+    range come from the route's own parser, and are left out when it has
+    no parser or the body does not parse.
     """
     match = _ROUTER.match(path, content_type)
     fields = {"vendor": match.vendor.name, "kind": match.route.kind, "route": match.route.name}

@@ -114,8 +114,8 @@ def balance_accepts(port, board: ConnectionBoard, reactor) -> None:
     when C{board} shows that this worker has more than its share, wait
     C{board.pause} seconds once before accepting.
 
-    Twisted accepts up to a hundred connections per readiness event; with
-    several processes on one socket that lets the first one awake take a
+    Twisted accepts up to a hundred connections per readiness event.  With
+    several processes on one socket, that lets the first one awake take a
     whole burst.
     """
     original = port.doRead

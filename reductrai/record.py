@@ -231,12 +231,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _read_varint(data, offset: int, what: str) -> tuple[int, int]:
+def _read_varint(data, offset: int, field: str) -> tuple[int, int]:
     # Return (value, offset after it) of the varint at offset in data.
     result = shift = 0
     while True:
         if offset >= len(data) or shift > 63:
-            raise RecordError(f"record {what} is truncated")
+            raise RecordError(f"record {field} is truncated")
         byte = data[offset]
         offset += 1
         result |= (byte & 0x7F) << shift

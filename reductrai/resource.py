@@ -248,7 +248,7 @@ class IngestResource(Resource):
         """
         Parse, store and forward a request whose body is decoded.
 
-        @return: L{NOT_DONE_YET}: every path answers through the request.
+        @return: L{NOT_DONE_YET}, because every path writes its response later.
         """
         route, vendor = match.route, match.vendor
         self.metrics.child(self.metrics.decoded_bytes, vendor.name, route.kind).inc(len(decoded))

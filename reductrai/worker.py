@@ -8,7 +8,7 @@ C{python -m reductrai.worker} process that gets the listening sockets as
 inherited descriptors and adopts them (C{reactor.adoptStreamPort}), with
 the same TLS wrapping (L{reductrai.listeners.adopt_listener}).  The kernel
 hands each new connection to whichever process accepts it first.  Every
-process accepts one connection per wake-up, and one that holds more
+process accepts one connection per wake-up, and one that has more
 connections than another waits a few milliseconds first
 (L{reductrai.balance}), so the connections spread over the processes.
 
@@ -305,8 +305,8 @@ class WorkerPool(service.Service):
 @implementer(IReadDescriptor)
 class _ParentWatch:
     """
-    Stop the reactor when the standard input ends: worker 0, which holds
-    the other end, is gone.
+    Stop the reactor when the standard input ends, because then worker 0,
+    which has the other end, is gone.
     """
 
     def __init__(self, reactor, fd: int = 0) -> None:

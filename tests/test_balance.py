@@ -50,9 +50,9 @@ def test_board_counts_are_shared(tmp_path):
     """
     What one worker publishes, every other worker reads from the file.
     """
-    zero, reader, two = boards(tmp_path, 3)
-    zero.publish(4)
-    two.publish(1)
+    worker0, reader, worker2 = boards(tmp_path, 3)
+    worker0.publish(4)
+    worker2.publish(1)
     assert reader.counts() == [4, 0, 1]
     assert (tmp_path / "workers.board").stat().st_mode & 0o777 == 0o600
 
@@ -62,14 +62,14 @@ def test_board_wait_beyond_slack(tmp_path):
     A worker waits only while it has more than C{slack} connections
     above the least loaded other worker.
     """
-    zero, one, two = boards(tmp_path, 3)
-    zero.publish(3)
-    one.publish(2)
-    two.publish(1)
-    assert zero.should_wait()
-    assert not one.should_wait()
-    two.publish(2)
-    assert not zero.should_wait()
+    worker0, worker1, worker2 = boards(tmp_path, 3)
+    worker0.publish(3)
+    worker1.publish(2)
+    worker2.publish(1)
+    assert worker0.should_wait()
+    assert not worker1.should_wait()
+    worker2.publish(2)
+    assert not worker0.should_wait()
 
 
 def test_board_unopened_never_waits(tmp_path):
@@ -87,12 +87,12 @@ def test_limits_publish_open_connections(tmp_path):
     """
     Connections opened and closed on the ingest limits reach the board.
     """
-    zero, one = boards(tmp_path)
-    limits = ConnectionLimits(board=one)
+    worker0, worker1 = boards(tmp_path)
+    limits = ConnectionLimits(board=worker1)
     limits.opened()
     limits.opened()
     limits.closed()
-    assert zero.counts() == [0, 1]
+    assert worker0.counts() == [0, 1]
 
 
 def test_accept_waits_once_then_accepts(tmp_path):
@@ -101,15 +101,15 @@ def test_accept_waits_once_then_accepts(tmp_path):
     seconds instead of accepting, then accepts one connection even if it
     is still the most loaded, so that a stale count cannot stop it.
     """
-    zero, one = boards(tmp_path)
-    zero.publish(5)
+    worker0, worker1 = boards(tmp_path)
+    worker0.publish(5)
     clock = Clock()
     port = FakePort(queued=3)
-    balance_accepts(port, zero, clock)
+    balance_accepts(port, worker0, clock)
     port.doRead()
     assert port.accepted == 0
     assert not port.reading
-    clock.advance(zero.pause)
+    clock.advance(worker0.pause)
     assert port.reading
     port.doRead()
     assert port.accepted == 1
@@ -122,11 +122,11 @@ def test_accept_one_when_balanced(tmp_path):
     A worker with no more connections than the others accepts at once,
     one connection per readiness event.
     """
-    zero, one = boards(tmp_path)
-    zero.publish(2)
-    one.publish(2)
+    worker0, worker1 = boards(tmp_path)
+    worker0.publish(2)
+    worker1.publish(2)
     port = FakePort(queued=3)
-    balance_accepts(port, zero, Clock())
+    balance_accepts(port, worker0, Clock())
     port.doRead()
     port.doRead()
     assert port.accepted == 2
@@ -137,12 +137,12 @@ def test_accept_after_port_closed(tmp_path):
     """
     A port that stopped listening during the pause is not read again.
     """
-    zero, one = boards(tmp_path)
-    zero.publish(5)
+    worker0, worker1 = boards(tmp_path)
+    worker0.publish(5)
     clock = Clock()
     port = FakePort(queued=1)
-    balance_accepts(port, zero, clock)
+    balance_accepts(port, worker0, clock)
     port.doRead()
     port.connected = False
-    clock.advance(zero.pause)
+    clock.advance(worker0.pause)
     assert not port.reading

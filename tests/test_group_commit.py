@@ -60,7 +60,7 @@ def test_keys_strictly_increase_with_equal_clock(tmp_path):
     assert key_from_text(key_to_text(keys[1])) == keys[1]
 
 
-def test_keys_increase_when_the_clock_goes_back_or_the_sequence_wraps(tmp_path):
+def test_keys_increase_clock_back_or_wrap(tmp_path):
     """
     A clock that steps back keeps the last arrival time, and a sequence
     that wraps within one millisecond moves the time on by a millisecond,

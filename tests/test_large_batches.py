@@ -126,9 +126,9 @@ def stored_records(store: RecordStore) -> list[tuple[bytes, bytes]]:
 
 def test_small_record_waits_for_large_one(tmp_path):
     """
-    A large body is encoded through the runner; a small record appended
-    after it is committed only once the large one is encoded, both in one
-    transaction with the small record's extra operation, in key order.
+    A large body is encoded through the runner.  A small record appended
+    after it is committed only once the large one is encoded, in key order
+    and in one transaction with the small record's extra operation.
     """
     runner = ManualRunner()
     store, reactor = open_store(tmp_path / "store", runner)
@@ -294,7 +294,7 @@ def _ingest(tmp_path, wire: bytes, encoding: bytes, runner, offload: int, overri
     """
     Send one Datadog logs request through a store-only L{IngestResource}.
 
-    @return: the request (answered) and the store (open).
+    @return: the request (with its response written) and the store (open).
     """
     clock = Clock()
     store = RecordStore(StoreOptions(path=str(tmp_path), durability="none"), clock)
@@ -314,7 +314,7 @@ def _ingest(tmp_path, wire: bytes, encoding: bytes, runner, offload: int, overri
 def test_large_body_decoded_in_thread(tmp_path):
     """
     A gzip log batch above the threshold is decoded through the runner,
-    answered 202 and stored decoded, with one item per log line.
+    gets 202 and is stored decoded, with one item per log line.
     """
     decoded = log_batch(2000)
     wire = gzip.compress(decoded)
@@ -355,7 +355,7 @@ def _zstd_declaring(size: int) -> bytes:
 )
 def test_thread_decoding_errors_match_inline(tmp_path, wire, encoding, status, overrides):
     """
-    A body that cannot be decoded gets the same answer whether it was
+    A body that cannot be decoded gets the same response whether it was
     decoded in a thread or inline: 400 corrupt, 415 unsupported, 413 over
     the cap.
     """
@@ -469,7 +469,7 @@ def test_loads_matches_json(data, reject_constants):
 def test_logs_keep_wide_integers():
     """
     Log attributes beyond 64 bits keep every digit in their tags, and a
-    lone surrogate in a message is kept as the JSON says.
+    lone surrogate in a message is kept as the JSON encodes it.
     """
     body = (
         b'[{"message":"\\ud800 x","big":18446744073709551616,"neg":-9223372036854775809,'
@@ -525,8 +525,8 @@ def test_log_item_fields_and_tags():
     """
     Query tags, then the log's ddtags (repeated keys joined, empty values
     add nothing to a known key), its source and its other attributes
-    (the trace and span ids included) make the tags; a null hostname means
-    no host even with a host field.
+    (the trace and span ids included) make the tags.  A null hostname
+    means no host, even with a host field.
     """
     context = PayloadContext(path="/api/v2/logs", query={"ddtags": ["env:q,team:a"]})
     record = {

@@ -216,6 +216,7 @@ def test_drain_skips_other_worker_young_entries(tmp_path):
     )
     store.shared = True
     store.open()
+
     forwarder = ScriptedForwarder(lambda call: 202)
     child = _spool(store, clock, forwarder, worker=1, drains=False, clock_ns=lambda: wall["ns"])
     child.start()
@@ -226,6 +227,7 @@ def test_drain_skips_other_worker_young_entries(tmp_path):
     # Worker 1's live forward failed: the entry is left to the drain loop.
     child.settle(entry_id, 503)
     clock.advance(0)
+
     drainer = _spool(store, clock, forwarder, worker=0, drains=True, clock_ns=lambda: wall["ns"])
     drainer.start()
     for _ in range(5):
@@ -234,6 +236,7 @@ def test_drain_skips_other_worker_young_entries(tmp_path):
     assert forwarder.calls == []
     with store.env.begin() as txn:
         assert txn.get(entry_id, db=store.database(SPOOL_DB)) is not None
+
     wall["ns"] += 6_000_000_000
     clock.advance(6.0)
     clock.advance(1.0)
@@ -242,6 +245,7 @@ def test_drain_skips_other_worker_young_entries(tmp_path):
     with store.env.begin() as txn:
         assert txn.get(entry_id, db=store.database(SPOOL_DB)) is None
         assert txn.stat(store.database(b"spool_dead"))["entries"] == 0
+
     for spool in (child, drainer):
         spool.stop()
     store.close()
@@ -437,10 +441,10 @@ def send_many(
 ) -> dict[str, int]:
     """
     Send one series request per marker over C{connections} keep-alive TLS
-    connections; a connection that breaks is opened again.
+    connections.  A connection that breaks is opened again.
 
-    @param progress: called with the number of answers so far after each.
-    @return: the status answered for each marker (0 when no answer came).
+    @param progress: called with the number of responses so far after each.
+    @return: the response status for each marker (0 when none came).
     """
     context = ssl.create_default_context(cafile=ca)
     results: dict[str, int] = {}
@@ -560,7 +564,8 @@ async def test_two_workers_store_once(tmp_path):
     assert counts == {marker: 1 for marker in markers}
     assert set(workers.values()) == {0, 1}
     per_worker = {w: metric_sum(samples, "reductrai_worker_requests_total", worker=str(w)) for w in (0, 1)}
-    assert per_worker[0] > 0 and per_worker[1] > 0
+    assert per_worker[0] > 0
+    assert per_worker[1] > 0
     assert per_worker[0] + per_worker[1] == 300
     assert metric_sum(samples, "reductrai_requests_total", status="202") == 300
     assert metric_sum(samples, "reductrai_stored_records_total") == 300

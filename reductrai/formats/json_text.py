@@ -78,8 +78,8 @@ def loads(data: Any, reject_constants: bool = False) -> Any:
 
 def _may_hold_wide_integer(data: Any) -> bool:
     """
-    Tell whether C{data} holds a run of 19 or more digits (in numbers or
-    strings alike): an integer orjson cannot keep exact has one.
+    Tell whether C{data} contains a run of 19 or more digits (in numbers or
+    strings alike), which every integer orjson cannot keep exact has.
     """
     if isinstance(data, str):
         return _WIDE_RUN_TEXT in data.translate(_STR_DIGITS)
@@ -88,8 +88,8 @@ def _may_hold_wide_integer(data: Any) -> bool:
 
 def _has_wide_float(document: Any) -> bool:
     """
-    Tell whether a decoded document holds a float at or beyond the bounds
-    of orjson's integers, which may stand for an integer C{json} keeps.
+    Tell whether a decoded document contains a float at or beyond the
+    bounds of orjson's integers, which may be an integer C{json} keeps.
     """
     pending: list[Any] = [document]
     while pending:

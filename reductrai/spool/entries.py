@@ -84,7 +84,7 @@ def make_entry_id(upstream: bytes, time_ns: int, sequence: int, worker: int = 0)
 
 def entry_worker(entry_id: bytes) -> int:
     """
-    The id of the worker process that created an entry.
+    Return the id of the worker process that created an entry.
     """
     return _TIME.unpack_from(entry_id, UPSTREAM_ID_SIZE)[1] >> SEQUENCE_BITS
 
